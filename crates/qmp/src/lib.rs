@@ -1,0 +1,2 @@
+//! A QEMU Machine Protocol (QMP) server.
+#![forbid(unsafe_code)]

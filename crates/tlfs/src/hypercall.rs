@@ -1,0 +1,1 @@
+//! Hypercall codes, the control word, result value and status codes.

@@ -1,0 +1,1 @@
+//! Synthetic MSR indexes and MSR value layouts.

@@ -1,0 +1,1 @@
+//! Guest programs compiled from C by `build.rs`. See `guests/README.md`.
