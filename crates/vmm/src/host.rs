@@ -1,0 +1,1 @@
+//! Host capability probing for `enlighten host`.
