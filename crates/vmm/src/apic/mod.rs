@@ -1433,7 +1433,7 @@ impl LocalApic {
         self.countdown = Countdown {
             armed: state.countdown_armed,
             start_ns: now_ns.saturating_sub(state.countdown_elapsed_ns),
-            first_count: state.countdown_first_count,
+            first_count: state.countdown_first_count.min(u64::from(u32::MAX)),
             expiries: state.countdown_expiries,
         };
         self.tsc_deadline = state.tsc_deadline;
