@@ -36,12 +36,15 @@
 //! * **Timer.** Arm one host timer per vCPU at [`LocalApic::next_timer_deadline_ns`] and call
 //!   [`LocalApic::timer_tick`] when it expires (early or spurious calls are harmless). Periodic mode re-arms
 //!   from the previous deadline, so there is no drift; missed periods are skipped, not queued.
+//! * **CR8.** Without an in-kernel APIC, KVM keeps CR8 in `kvm_run.cr8`: after each exit call
+//!   [`LocalApic::set_cr8`] with it, and before each entry store [`LocalApic::cr8`] there.
+//! * **Guest TSC writes.** Call [`LocalApic::resync_tsc`] so an armed TSC deadline follows the new TSC.
 //! * **Hyper-V hooks.** [`LocalApic::set_auto_eoi`] marks vectors (SynIC SINTs with auto-EOI) that
 //!   [`LocalApic::ack_interrupt`] does not leave in the ISR. Every EOI (MMIO, x2APIC MSR, Hyper-V EOI MSR, or
 //!   the engine calling [`LocalApic::eoi`] for an exit-less PV-EOI) reports the vector in [`ApicEffects::eoi`] /
 //!   the return value of [`LocalApic::eoi`]: this is the EOI observer through which the engine redelivers
-//!   pending SynIC messages. [`LocalApic::highest_irr`] and [`LocalApic::is_level_triggered`] give what the
-//!   exit-less EOI decision needs.
+//!   pending SynIC messages. [`LocalApic::highest_irr`], [`LocalApic::isr_count`] and
+//!   [`LocalApic::is_level_triggered`] give what the exit-less EOI decision needs.
 //! * **Snapshots.** [`LocalApic::save`] / [`LocalApic::restore`] use [`ApicState`], whose timer fields are
 //!   relative to the clock passed in, so a state can be restored in another process.
 //!
@@ -796,6 +799,26 @@ impl LocalApic {
         self.tpr as u8
     }
 
+    /// CR8 as the guest sees it: TPR bits 7:4. Without an in-kernel APIC, KVM keeps CR8 in `kvm_run.cr8`; the
+    /// machine copies `cr8()` there before each `KVM_RUN`.
+    pub fn cr8(&self) -> u64 {
+        u64::from(self.tpr >> 4)
+    }
+
+    /// Sets the TPR from a guest CR8 value (`kvm_run.cr8` after an exit): TPR = CR8[3:0] << 4. Only the low
+    /// four bits are used (KVM already rejects others with #GP).
+    pub fn set_cr8(&mut self, cr8: u64) -> ApicEffects {
+        let tpr = ((cr8 & 0xF) << 4) as u32;
+        if tpr == self.tpr {
+            return ApicEffects::default();
+        }
+        self.tpr = tpr;
+        ApicEffects {
+            reevaluate: true,
+            ..ApicEffects::default()
+        }
+    }
+
     /// The processor priority register: TPR if its class is at least the highest in-service vector's class,
     /// else that vector's class.
     pub fn ppr(&self) -> u32 {
@@ -900,7 +923,8 @@ impl LocalApic {
         self.sipi_pending.take()
     }
 
-    /// Whether anything would wake a halted vCPU: a deliverable interrupt, an NMI, INIT or SIPI.
+    /// Whether anything would wake a halted vCPU: a deliverable interrupt, an NMI, INIT or SIPI. (A deliverable
+    /// interrupt wakes HLT only while RFLAGS.IF is set; that check is the machine's.)
     pub fn has_wake_event(&self) -> bool {
         self.pending_interrupt().is_some()
             || self.nmi_pending
@@ -926,6 +950,12 @@ impl LocalApic {
     /// Whether `vector` was accepted level-triggered (its TMR bit).
     pub fn is_level_triggered(&self, vector: u8) -> bool {
         self.tmr.contains(vector)
+    }
+
+    /// How many vectors are in service (KVM's PV-EOI is only offered when exactly one is, so that the
+    /// deferred EOI cannot hit the wrong vector).
+    pub fn isr_count(&self) -> u32 {
+        self.isr.0.iter().map(|w| w.count_ones()).sum()
     }
 
     /// Whether `vector` is in service.
@@ -1245,6 +1275,31 @@ impl LocalApic {
         let delta = u128::from(deadline.saturating_sub(now_tsc)) * NS_PER_SEC;
         let ns = delta.div_ceil(u128::from(self.cfg.tsc_freq_hz));
         u64::try_from(ns).map_or(u64::MAX, |ns| now_ns.saturating_add(ns))
+    }
+
+    /// The guest TSC was written (or the TSC/host-clock relation changed otherwise): re-derive the host
+    /// deadline of an armed TSC deadline from the new (`now_ns`, `now_tsc`) pair, firing it if the TSC is
+    /// already past it. No effect in the other timer modes.
+    pub fn resync_tsc(&mut self, now_ns: u64, now_tsc: u64) -> ApicEffects {
+        if !self.is_enabled()
+            || self.timer_mode() != TimerMode::TscDeadline
+            || self.tsc_deadline == 0
+        {
+            return ApicEffects::default();
+        }
+        let mut fx = ApicEffects {
+            timer_changed: true,
+            ..ApicEffects::default()
+        };
+        if now_tsc >= self.tsc_deadline {
+            self.tsc_deadline = 0;
+            self.tsc_deadline_ns = None;
+            fx.reevaluate = self.fire_timer();
+        } else {
+            self.tsc_deadline_ns =
+                Some(self.tsc_to_ns_deadline(self.tsc_deadline, now_ns, now_tsc));
+        }
+        fx
     }
 
     /// Sets the LVT timer vector in the IRR unless the LVT is masked. Returns whether the IRR changed.

@@ -1759,3 +1759,66 @@ fn random_guest_accesses_never_panic_and_keep_invariants() {
         }
     }
 }
+
+// ------------------------------------------------------------------ CR8, ISR count, TSC resync
+
+#[test]
+fn cr8_maps_to_tpr_bits_7_4() {
+    // (CR8 written, TPR after, CR8 read back, re-evaluate)
+    let table: &[(u64, u8, u64, bool)] = &[
+        (0, 0x00, 0, false),
+        (1, 0x10, 1, true),
+        (0xF, 0xF0, 0xF, true),
+        (0x1F, 0xF0, 0xF, true),
+    ];
+    for &(cr8, tpr, back, reeval) in table {
+        let mut apic = enabled(0);
+        let fx = apic.set_cr8(cr8);
+        assert_eq!(apic.tpr(), tpr, "cr8 {cr8:#x}");
+        assert_eq!(apic.cr8(), back);
+        assert_eq!(fx.reevaluate, reeval);
+    }
+    let mut apic = enabled(0);
+    let _ = wr(&mut apic, reg::TPR, 0x5C, 0);
+    assert_eq!(apic.cr8(), 5);
+    apic.accept_fixed(0x66, false);
+    let _ = apic.set_cr8(6);
+    assert_eq!(apic.pending_interrupt(), None);
+    let _ = apic.set_cr8(5);
+    assert_eq!(apic.pending_interrupt(), Some(0x66));
+}
+
+#[test]
+fn isr_count_tracks_nesting() {
+    let mut apic = enabled(0);
+    assert_eq!(apic.isr_count(), 0);
+    for (i, v) in [0x30u8, 0x50, 0x90, 0xF1].into_iter().enumerate() {
+        apic.accept_fixed(v, false);
+        apic.ack_interrupt(v);
+        assert_eq!(apic.isr_count(), i as u32 + 1);
+    }
+    let _ = apic.eoi();
+    assert_eq!(apic.isr_count(), 3);
+    assert!(!apic.is_in_service(0xF1));
+}
+
+#[test]
+fn resync_tsc_follows_a_guest_tsc_write() {
+    let mut apic = tsc_deadline_apic();
+    let _ = apic.write_tsc_deadline(1_000_000, 0, 0);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(400_000));
+    // The guest moved its TSC back by 500_000 ticks at host time 100_000: 250_000 ticks were left, now 750_000.
+    let fx = apic.resync_tsc(100_000, 250_000);
+    assert!(fx.timer_changed && !fx.reevaluate);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(100_000 + 300_000));
+    // Moved forward past the deadline: fires at once.
+    let fx = apic.resync_tsc(110_000, 2_000_000);
+    assert!(fx.reevaluate);
+    assert_eq!(apic.pending_interrupt(), Some(0xE0));
+    assert_eq!(apic.next_timer_deadline_ns(), None);
+    // Nothing armed, or not in TSC-deadline mode: no effect.
+    assert_eq!(apic.resync_tsc(0, 0), ApicEffects::default());
+    let mut apic = enabled(0);
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 100, 0);
+    assert_eq!(apic.resync_tsc(0, 0), ApicEffects::default());
+}
