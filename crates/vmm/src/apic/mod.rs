@@ -204,11 +204,11 @@ pub struct ApicConfig {
     pub bus_freq_hz: u64,
     /// The guest TSC frequency in Hz, for TSC-deadline mode. Zero is treated as 1.
     pub tsc_freq_hz: u64,
-    /// Whether the guest may enable x2APIC mode (CPUID.1:ECX[21]).
+    /// Whether the guest may enable x2APIC mode (CPUID.1:ECX bit 21).
     pub x2apic_allowed: bool,
     /// Whether this is the bootstrap processor (IA32_APIC_BASE bit 8).
     pub bsp: bool,
-    /// The guest's physical address width (CPUID 0x80000008 EAX[7:0]); base bits at and above it are reserved.
+    /// The guest's physical address width (CPUID 0x80000008 EAX bits 7:0); base bits at and above it are reserved.
     /// Values outside 32..=52 are clamped into that range.
     pub phys_addr_bits: u8,
 }
@@ -805,7 +805,7 @@ impl LocalApic {
         u64::from(self.tpr >> 4)
     }
 
-    /// Sets the TPR from a guest CR8 value (`kvm_run.cr8` after an exit): TPR = CR8[3:0] << 4. Only the low
+    /// Sets the TPR from a guest CR8 value (`kvm_run.cr8` after an exit): TPR = CR8 bits 3:0, shifted left by 4. Only the low
     /// four bits are used (KVM already rejects others with #GP).
     pub fn set_cr8(&mut self, cr8: u64) -> ApicEffects {
         let tpr = ((cr8 & 0xF) << 4) as u32;
@@ -1502,7 +1502,8 @@ impl LocalApic {
     }
 }
 
-/// The x2APIC logical ID derived from the x2APIC ID: cluster (ID[19:4]) in bits 31:16, one bit for ID[3:0].
+/// The x2APIC logical ID derived from the x2APIC ID: the cluster (ID bits 19:4) in bits 31:16 and one bit
+/// for ID bits 3:0.
 pub fn x2apic_ldr(apic_id: u32) -> u32 {
     ((apic_id >> 4) << 16) | (1 << (apic_id & 0xF))
 }
