@@ -187,8 +187,9 @@ isr_common:
 
 /*
  * u64 rt_run_user_asm(u64 (*fn)(u64) [rdi], u64 arg [rsi], u64 user_stack_top [rdx], u64 *tss_rsp0 [rcx])
- * Runs fn(arg) at CPL 3 and returns its result. The user code returns through `int $USER_RET_VECTOR`, whose
- * gate lands on RSP0 = the kernel stack pointer saved here; the stub drops the interrupt frame and returns.
+ * Runs fn(arg) at CPL 3 and returns its result. The kernel stack pointer after saving the callee-saved
+ * registers becomes TSS.RSP0, so interrupts taken at CPL 3 land below it; the user code comes back with a
+ * ud2 at rt_user_ret_insn, whose #UD handler calls rt_user_return(RSP0, RAX).
  */
     .globl rt_run_user_asm
 rt_run_user_asm:
@@ -221,12 +222,17 @@ rt_run_user_asm:
 
 user_trampoline:                      /* CPL 3: rdi = arg, rsi = fn */
     call *%rsi
-    int $USER_RET_VECTOR
+    /* Back to CPL 0 through #UD at a known address. (`int n` from CPL 3 raises #UD on this host's KVM.) */
+    .globl rt_user_ret_insn
+rt_user_ret_insn:
     ud2
 
-    .globl rt_user_ret_stub
-rt_user_ret_stub:                     /* CPL 0, on RSP0; rax = fn's result */
-    add $40, %rsp                     /* RIP, CS, RFLAGS, RSP, SS */
+/* noreturn void rt_user_return(u64 saved_rsp [rdi], u64 result [rsi]): called by the #UD handler at CPL 0;
+ * resumes rt_run_user_asm's caller with `result`. */
+    .globl rt_user_return
+rt_user_return:
+    mov %rdi, %rsp
+    mov %rsi, %rax
     mov $SEL_KDATA, %cx
     mov %cx, %ds
     mov %cx, %es

@@ -16,7 +16,6 @@
 #define SEL_TSS0 0x30
 #define GDT_SIZE (SEL_TSS0 + 16 * MAX_CPUS)
 
-#define USER_RET_VECTOR 0x81
 #define WAKE_VECTOR 0xF0
 #define SPURIOUS_VECTOR 0xFF
 

@@ -7,7 +7,8 @@ extern u64 gdt[];
 extern u64 boot_magic, boot_mbi, ap_region_next, boot_via_elf64;
 extern u8 ap_tramp_start[], ap_tramp_end[];
 extern u8 isr_stubs[];
-extern u8 rt_user_ret_stub[];
+extern u8 rt_user_ret_insn[];
+noreturn void rt_user_return(u64 saved_rsp, u64 result);
 extern u8 __image_end[];
 struct ex_entry { u64 insn, fixup; };
 extern struct ex_entry __ex_table_start[], __ex_table_end[];
@@ -433,7 +434,6 @@ static void idt_init(void)
 {
     for (unsigned v = 0; v < 256; v++)
         set_gate(v, (u64)isr_stubs + 16 * v, v == 3 ? 3 : 0);
-    set_gate(USER_RET_VECTOR, (u64)rt_user_ret_stub, 3);
 }
 
 static void cpu_tables_init(struct percpu *c)
@@ -477,6 +477,10 @@ static void dump_regs(struct regs *r)
 void rt_interrupt(struct regs *r)
 {
     u64 v = r->vector;
+    if (v == 6 && r->rip == (u64)rt_user_ret_insn && (r->cs & 3) == 3) {
+        struct percpu *c = this_cpu();
+        rt_user_return(*(u64 *)((u8 *)&c->tss + 4), r->rax);
+    }
     if (v < 32) {
         for (struct ex_entry *e = __ex_table_start; e < __ex_table_end; e++) {
             if (e->insn == r->rip) {
