@@ -30,7 +30,8 @@
 //!   inject with `KVM_INTERRUPT`; the machine then calls [`LocalApic::ack_interrupt`] for it (IRR → ISR, as the
 //!   CPU's interrupt acknowledge cycle does).
 //! * **INIT / SIPI / NMI.** [`LocalApic::deliver`] latches them; the vCPU thread consumes them with
-//!   [`LocalApic::take_init`] (then call [`LocalApic::init_reset`] and enter wait-for-SIPI),
+//!   [`LocalApic::take_init`] (then call [`LocalApic::init_reset`] and enter wait-for-SIPI; KVM keeps the
+//!   BSP runnable after an INIT instead),
 //!   [`LocalApic::take_sipi`] (honour it only in wait-for-SIPI) and [`LocalApic::take_nmi`]. An INIT discards a
 //!   SIPI latched before it, so checking `take_init` before `take_sipi` gives the right order.
 //! * **Timer.** Arm one host timer per vCPU at [`LocalApic::next_timer_deadline_ns`] and call
@@ -53,7 +54,9 @@
 //! No CMCI LVT (version 0x0005_0014: six LVT entries), no EOI-broadcast suppression, no LINT0/LINT1 or
 //! thermal/performance-monitoring interrupt sources (the registers are stored), no "illegal register address"
 //! error (reads have no side effects), SMI IPIs are dropped. x2APIC registers follow KVM where KVM and the SDM
-//! differ (EOI and SELF_IPI accept any value in bits 31:0; only the ICR checks reserved bits).
+//! differ: EOI accepts any value in bits 31:0; SELF_IPI #GPs on bits 31:8 and the ICR on its reserved bits;
+//! other registers drop reserved bits. Unlike KVM, globally disabling the APIC resets its registers (SDM) and
+//! the BSP bit of IA32_APIC_BASE is not guest-writable.
 
 use serde::{Deserialize, Serialize};
 
@@ -760,9 +763,8 @@ impl LocalApic {
             }
             reg::TIMER_INITIAL => fx = self.write_timer_initial(value, now_ns),
             reg::TIMER_DIVIDE => fx = self.write_timer_divide(value, now_ns),
-            reg::SELF_IPI if x2 => {
-                let vector = value as u8;
-                fx.reevaluate = self.accept_fixed(vector, false);
+            reg::SELF_IPI if x2 && value <= 0xFF => {
+                fx.reevaluate = self.accept_fixed(value as u8, false);
             }
             _ => return Err(Gp),
         }
@@ -1390,9 +1392,12 @@ impl LocalApic {
     /// base (mode included) and the auto-EOI set; the timer is disarmed. Latched NMI and SIPI are kept (a SIPI
     /// that follows the INIT must survive).
     pub fn init_reset(&mut self) {
+        let id = self.xapic_id_reg;
         self.reset_registers();
+        self.xapic_id_reg = id;
     }
 
+    /// Power-up register values (also used when the APIC is globally disabled).
     fn reset_registers(&mut self) {
         self.xapic_id_reg = (self.apic_id & 0xFF) << 24;
         self.tpr = 0;

@@ -673,6 +673,10 @@ fn x2apic_self_ipi() {
     );
     assert_eq!(apic.pending_interrupt(), Some(0x77));
     assert_eq!(apic.msr_read(0x83F, 0), Err(Gp));
+    // Bits 31:8 are reserved (KVM #GPs them).
+    for bad in [0x100u64, 0x8000_0040, 1 << 32] {
+        assert_eq!(apic.msr_write(0x83F, bad, 0), Err(Gp), "{bad:#x}");
+    }
     // Illegal vector: error bit, nothing requested.
     let _ = apic.msr_write(0x83F, 0x05, 0);
     assert!(!apic.is_requested(0x05));
@@ -932,8 +936,8 @@ fn init_reset_keeps_id_base_and_mode() {
     x.init_reset();
     assert_eq!(
         rd(&x, reg::ID, 0),
-        0x0200_0000,
-        "back to the initial APIC ID"
+        0x0900_0000,
+        "INIT keeps a rewritten xAPIC ID"
     );
     assert_eq!(rd(&x, reg::LDR, 0), 0);
     assert_eq!(rd(&x, reg::DFR, 0), 0xFFFF_FFFF);
