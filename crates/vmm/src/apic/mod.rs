@@ -21,7 +21,7 @@
 //!   look at [`LocalApic::pending_interrupt`] again) and whether the next timer deadline may have changed
 //!   ([`ApicEffects::timer_changed`]: re-arm the host timer from [`LocalApic::next_timer_deadline_ns`]).
 //! * **IPI routing.** For an [`Ipi`] the machine calls [`LocalApic::matches_destination`] on every APIC (with the
-//!   sender's current [`LocalApic::id`]) and [`LocalApic::deliver`] on each one that matches. Lowest-priority
+//!   [`Ipi::source_id`]) and [`LocalApic::deliver`] on each one that matches. Lowest-priority
 //!   IPIs are delivered as fixed to the matching APIC with the lowest APIC ID (KVM without vector hashing does
 //!   something similar; any matching APIC is architecturally valid). Physical broadcast (0xFF in xAPIC mode,
 //!   0xFFFF_FFFF in x2APIC mode) and logical broadcast are already turned into
@@ -274,7 +274,7 @@ pub struct Ipi {
     pub level_triggered: bool,
     /// The destination.
     pub dest: Destination,
-    /// The sender's APIC ID ([`LocalApic::id`]), to evaluate "self" shorthands.
+    /// The sender's initial APIC ID ([`LocalApic::initial_id`]), to evaluate "self" shorthands.
     pub source_id: u32,
 }
 
@@ -1073,7 +1073,7 @@ impl LocalApic {
             vector,
             level_triggered: fixed_like && level_triggered,
             dest,
-            source_id: self.id(),
+            source_id: self.apic_id,
         }))
     }
 
@@ -1090,7 +1090,9 @@ impl LocalApic {
         }
     }
 
-    /// Whether this APIC is a destination of `dest` sent by the APIC whose [`LocalApic::id`] is `sender_id`.
+    /// Whether this APIC is a destination of `dest` sent by the APIC whose [`LocalApic::initial_id`] is
+    /// `sender_id` (use [`Ipi::source_id`]). "Self" in the shorthands means the same APIC, so it is decided by
+    /// the initial ID even if the guest rewrote an xAPIC ID register.
     /// A globally disabled APIC matches nothing. Logical destinations use this APIC's LDR, and its DFR (flat
     /// or cluster) in xAPIC mode.
     pub fn matches_destination(&self, dest: &Destination, sender_id: u32) -> bool {
@@ -1099,9 +1101,9 @@ impl LocalApic {
         }
         let id = self.id();
         match *dest {
-            Destination::SelfOnly => id == sender_id,
+            Destination::SelfOnly => self.apic_id == sender_id,
             Destination::AllIncludingSelf => true,
-            Destination::AllExcludingSelf => id != sender_id,
+            Destination::AllExcludingSelf => self.apic_id != sender_id,
             Destination::Physical(d) => d == id,
             Destination::Logical(d) => {
                 if self.is_x2apic() {

@@ -1826,3 +1826,24 @@ fn resync_tsc_follows_a_guest_tsc_write() {
     let _ = wr(&mut apic, reg::TIMER_INITIAL, 100, 0);
     assert_eq!(apic.resync_tsc(0, 0), ApicEffects::default());
 }
+
+#[test]
+fn shorthands_use_the_hardware_identity_not_a_rewritten_id() {
+    let mut a = enabled(0);
+    let mut b = enabled(1);
+    // The guest gives both APICs xAPIC ID 5.
+    let _ = wr(&mut a, reg::ID, 0x0500_0000, 0);
+    let _ = wr(&mut b, reg::ID, 0x0500_0000, 0);
+    let ipi = wr(&mut a, reg::ICR_LOW, 0x000C_0040, 0)
+        .ipi
+        .expect("all excluding self");
+    assert_eq!(ipi.source_id, 0);
+    assert!(!a.matches_destination(&ipi.dest, ipi.source_id));
+    assert!(b.matches_destination(&ipi.dest, ipi.source_id));
+    let ipi = wr(&mut b, reg::ICR_LOW, 0x0004_0040, 0).ipi.expect("self");
+    assert!(!a.matches_destination(&ipi.dest, ipi.source_id));
+    assert!(b.matches_destination(&ipi.dest, ipi.source_id));
+    // Physical destinations use the current ID: both match 5.
+    assert!(a.matches_destination(&Destination::Physical(5), 1));
+    assert!(b.matches_destination(&Destination::Physical(5), 0));
+}
