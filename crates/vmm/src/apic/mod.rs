@@ -20,20 +20,20 @@
 //!   that was EOI'd ([`ApicEffects::eoi`]), whether the interrupt state changed ([`ApicEffects::reevaluate`]:
 //!   look at [`LocalApic::pending_interrupt`] again) and whether the next timer deadline may have changed
 //!   ([`ApicEffects::timer_changed`]: re-arm the host timer from [`LocalApic::next_timer_deadline_ns`]).
-//! * **IPI routing.** For an [`Ipi`] the machine calls [`LocalApic::matches_destination`] on every APIC (with the
-//!   [`Ipi::source_id`]) and [`LocalApic::deliver`] on each one that matches. Lowest-priority
-//!   IPIs are delivered as fixed to the matching APIC with the lowest APIC ID (KVM without vector hashing does
-//!   something similar; any matching APIC is architecturally valid). Physical broadcast (0xFF in xAPIC mode,
-//!   0xFFFF_FFFF in x2APIC mode) and logical broadcast are already turned into
-//!   [`Destination::AllIncludingSelf`] when the ICR is decoded.
+//! * **IPI routing.** For an [`Ipi`] the machine calls [`LocalApic::matches_destination`] on every APIC (with
+//!   [`Ipi::source_id`]) and [`LocalApic::deliver`] on each one that matches. Lowest-priority IPIs are
+//!   delivered as fixed to the matching APIC with the lowest APIC ID (KVM without vector hashing does something
+//!   similar; any matching APIC is architecturally valid). Physical broadcast (0xFF in xAPIC mode, 0xFFFF_FFFF
+//!   in x2APIC mode) and logical broadcast are already turned into [`Destination::AllIncludingSelf`] when the
+//!   ICR is decoded.
 //! * **Injection.** When the vCPU can take an interrupt, [`LocalApic::pending_interrupt`] gives the vector to
 //!   inject with `KVM_INTERRUPT`; the machine then calls [`LocalApic::ack_interrupt`] for it (IRR → ISR, as the
 //!   CPU's interrupt acknowledge cycle does).
 //! * **INIT / SIPI / NMI.** [`LocalApic::deliver`] latches them; the vCPU thread consumes them with
-//!   [`LocalApic::take_init`] (then call [`LocalApic::init_reset`] and enter wait-for-SIPI; KVM keeps the
-//!   BSP runnable after an INIT instead),
-//!   [`LocalApic::take_sipi`] (honour it only in wait-for-SIPI) and [`LocalApic::take_nmi`]. An INIT discards a
-//!   SIPI latched before it, so checking `take_init` before `take_sipi` gives the right order.
+//!   [`LocalApic::take_init`] (then call [`LocalApic::init_reset`], reset the vCPU and enter wait-for-SIPI; the
+//!   BSP stays runnable, as in KVM), [`LocalApic::take_sipi`] (honour it only in wait-for-SIPI) and
+//!   [`LocalApic::take_nmi`]. An INIT discards a SIPI latched before it, so checking `take_init` before
+//!   `take_sipi` gives the right order.
 //! * **Timer.** Arm one host timer per vCPU at [`LocalApic::next_timer_deadline_ns`] and call
 //!   [`LocalApic::timer_tick`] when it expires (early or spurious calls are harmless). Periodic mode re-arms
 //!   from the previous deadline, so there is no drift; missed periods are skipped, not queued.
