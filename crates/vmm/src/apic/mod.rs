@@ -925,6 +925,21 @@ impl LocalApic {
         self.sipi_pending.take()
     }
 
+    /// Whether an NMI is latched (without taking it).
+    pub fn nmi_latched(&self) -> bool {
+        self.nmi_pending
+    }
+
+    /// Whether an INIT is latched (without taking it).
+    pub fn init_latched(&self) -> bool {
+        self.init_pending
+    }
+
+    /// The latched SIPI vector (without taking it).
+    pub fn sipi_latched(&self) -> Option<u8> {
+        self.sipi_pending
+    }
+
     /// Whether anything would wake a halted vCPU: a deliverable interrupt, an NMI, INIT or SIPI. (A deliverable
     /// interrupt wakes HLT only while RFLAGS.IF is set; that check is the machine's.)
     pub fn has_wake_event(&self) -> bool {

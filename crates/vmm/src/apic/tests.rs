@@ -849,6 +849,9 @@ fn deliver_each_delivery_mode() {
             source_id: 1,
         };
         assert_eq!(apic.deliver(&ipi), kick, "{mode:?}");
+        assert_eq!(apic.nmi_latched(), nmi, "{mode:?}");
+        assert_eq!(apic.init_latched(), init, "{mode:?}");
+        assert_eq!(apic.sipi_latched(), sipi, "{mode:?}");
         assert_eq!(apic.is_requested(vector), irr, "{mode:?}");
         if irr {
             assert_eq!(apic.is_level_triggered(vector), level);
