@@ -381,11 +381,11 @@ pub fn build(cfg: &CpuConfig, host: &HostCpuid) -> Result<Vec<CpuidEntry>, Confi
     build_report(cfg, host).map(|b| b.entries)
 }
 
-/// The leaves at 0x40000000 and above (what `enlighten cpuid` prints).
+/// The hypervisor-range leaves, 0x40000000..=0x4FFFFFFF (what `enlighten cpuid` prints), in input order.
 pub fn hypervisor_leaves(entries: &[CpuidEntry]) -> impl Iterator<Item = &CpuidEntry> + '_ {
     entries
         .iter()
-        .filter(|e| e.function >= hv::HYPERVISOR_RANGE_START)
+        .filter(|e| (hv::HYPERVISOR_RANGE_START..0x5000_0000).contains(&e.function))
 }
 
 /// A feature word: one register of one (leaf, subleaf) holding feature flags.
