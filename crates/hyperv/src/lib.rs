@@ -2,10 +2,42 @@
 //!
 //! The engine owns partition and VP state, the synthetic MSR and hypercall handlers, SynIC, synthetic timers,
 //! reference time, crash, reset and save/restore. It never touches KVM and spawns no threads: it talks to the
-//! VMM through the [`platform`] trait, so it is deterministic and unit-testable with a fake platform.
+//! VMM through the [`platform`] trait, so it is deterministic and unit-testable with a fake platform
+//! ([`testing::FakePlatform`]).
 //!
-//! Configuration (`-cpu` parsing with QEMU's rules) lives in [`config`]; the CPUID builder in [`cpuid`].
+//! Entry points (all on [`Engine`]): [`Engine::new`], [`Engine::read_msr`] / [`Engine::write_msr`],
+//! [`Engine::hypercall`] (from the hypercall page's port exit, see [`hcpage`]), [`Engine::reference_time`],
+//! [`Engine::timer_expired`], [`Engine::run_vp_work`], [`Engine::reset`], [`Engine::save`] / [`Engine::restore`].
+//! `docs/embedding.md` walks through an integration.
+//!
+//! Configuration (`-cpu` parsing with QEMU's rules) lives in [`config`]; the CPUID builder in [`cpuid`]; the
+//! engine is configured from the resulting guest CPUID through [`EngineConfig`].
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod connections;
 pub mod cpuid;
+pub mod crash;
+mod engine;
+pub mod guest;
+pub mod hcpage;
+pub mod hypercall;
+pub mod msr;
+pub mod platform;
+pub mod refclock;
+pub mod state;
+pub mod stimer;
+pub mod synic;
+pub mod testing;
+pub mod vapic;
+
+#[cfg(test)]
+mod tests;
+
+pub use connections::{ConnectionError, EventConnection, MessageConnection};
+pub use engine::{Engine, EngineError};
+pub use guest::{EngineConfig, HvCpuid};
+pub use hypercall::{CpuMode, HypercallOutcome, HypercallRegs, RegisterWrites};
+pub use msr::Gp;
+pub use platform::{ApicAccess, Event, MemError, Platform, TimerId, VpId, VpWork};
+pub use state::{EngineState, RestoreError};

@@ -1,0 +1,77 @@
+//! hv-vapic: the APIC-access MSRs (EOI, ICR, TPR) and the VP assist page.
+//!
+//! EOI/ICR/TPR are forwarded to the VMM's local APIC through [`crate::Platform::apic_access`] as x2APIC-style
+//! register accesses (KVM forwards them to its LAPIC; without an APIC model the platform answers #GP). The VP assist
+//! page follows KVM: enabling it requires RAM at the page and zeroes its first u32. Exit-less EOI (PV-EOI through the
+//! page) is engine II (issue 5), which is told about the page through
+//! [`crate::Platform::pv_eoi_page_changed`].
+
+use crate::platform::{ApicAccess, Platform, VpId};
+use crate::state::VpState;
+use crate::Gp;
+use tlfs::msr;
+use tlfs::pages::{PAGE_OFFSET_MASK, VP_ASSIST_APIC_ASSIST_OFFSET};
+
+/// x2APIC MSR numbers the APIC-access MSRs map to.
+pub const X2APIC_EOI: u32 = 0x80B;
+/// x2APIC ICR.
+pub const X2APIC_ICR: u32 = 0x830;
+/// x2APIC TPR.
+pub const X2APIC_TPR: u32 = 0x808;
+
+/// Whether `index` is handled here.
+pub fn is_vapic_msr(index: u32) -> bool {
+    (msr::EOI..=msr::VP_ASSIST_PAGE).contains(&index)
+}
+
+fn x2apic_reg(index: u32) -> Option<u32> {
+    match index {
+        msr::EOI => Some(X2APIC_EOI),
+        msr::ICR => Some(X2APIC_ICR),
+        msr::TPR => Some(X2APIC_TPR),
+        _ => None,
+    }
+}
+
+pub(crate) fn read<P: Platform>(
+    platform: &P,
+    id: VpId,
+    vp: &VpState,
+    index: u32,
+) -> Result<u64, Gp> {
+    if index == msr::VP_ASSIST_PAGE {
+        return Ok(vp.vp_assist_page);
+    }
+    let reg = x2apic_reg(index).ok_or(Gp)?;
+    platform.apic_access(id, reg, ApicAccess::Read)
+}
+
+pub(crate) fn write<P: Platform>(
+    platform: &P,
+    id: VpId,
+    vp: &mut VpState,
+    index: u32,
+    value: u64,
+) -> Result<(), Gp> {
+    if index == msr::VP_ASSIST_PAGE {
+        let page = msr::VpAssistPageMsr::from_bits(value);
+        if page.enable() {
+            let gpa = value & !PAGE_OFFSET_MASK;
+            let addr = gpa + VP_ASSIST_APIC_ASSIST_OFFSET;
+            platform
+                .write_gpa(addr, &0u32.to_le_bytes())
+                .map_err(|_| Gp)?;
+            platform.mark_dirty(addr, 4);
+            vp.vp_assist_page = value;
+            platform.pv_eoi_page_changed(id, Some(gpa));
+        } else {
+            vp.vp_assist_page = value;
+            platform.pv_eoi_page_changed(id, None);
+        }
+        return Ok(());
+    }
+    let reg = x2apic_reg(index).ok_or(Gp)?;
+    platform
+        .apic_access(id, reg, ApicAccess::Write(value))
+        .map(|_| ())
+}
