@@ -726,6 +726,8 @@ void apic_init(enum apic_mode mode)
 {
     if (mode == APIC_X2APIC && !cpu_has_x2apic())
         fail("x2APIC mode requested but CPUID.1:ECX[21] is clear");
+    outb(0x21, 0xFF); /* mask both 8259s: their interrupts would come through LINT0 */
+    outb(0xA1, 0xFF);
     apic_enable_mode(mode);
     g_apic_mode = mode;
     apic_local_setup();
