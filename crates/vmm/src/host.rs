@@ -240,6 +240,16 @@ impl AsRawFd for FdRef {
     }
 }
 
+/// The host facts the CPUID builder needs, probed from a KVM handle: supported CPUID, SMT state, TSC frequency.
+pub fn host_cpuid(kvm: &Kvm) -> Result<hyperv::cpuid::HostCpuid, HostError> {
+    let mut host = hyperv::cpuid::HostCpuid::new(supported_cpuid(kvm)?);
+    host.info = hyperv::config::HostInfo {
+        smt_active: smt_active().unwrap_or(true),
+        tsc_khz: host_tsc_khz(kvm),
+    };
+    Ok(host)
+}
+
 /// The host's SMT state from `/sys/devices/system/cpu/smt/active` (`None` when unreadable).
 pub fn smt_active() -> Option<bool> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/smt/active").ok()?;
@@ -280,8 +290,12 @@ pub fn probe() -> Result<HostReport, HostError> {
         .map(|c| format!("{} is not available", c.name))
         .collect();
     let userspace_mode_available = problems.is_empty();
-    // Filled from the engine's feature table once the configuration module exposes it.
-    let userspace_enlightenments: Vec<&'static str> = Vec::new();
+    let userspace_enlightenments = if userspace_mode_available {
+        let supported = hyperv::config::Backend::Userspace.supported();
+        supported.iter().map(|f| f.name()).collect()
+    } else {
+        Vec::new()
+    };
     Ok(HostReport {
         kvm_device: kvm_device_path(),
         kvm_api_version: kvm.get_api_version(),
