@@ -300,10 +300,11 @@ impl Session {
             });
         }
         if let Some(Value::Array(caps)) = args.get("enable") {
+            // Like QEMU: first every element must be a known capability name, then each must
+            // be offered. QEMU knows only `oob`, and enlighten does not offer it.
             for (i, cap) in caps.iter().enumerate() {
                 match cap.as_str() {
-                    // QEMU knows the `oob` capability; enlighten does not offer it.
-                    Some("oob") => return Err(QmpError::generic("Capability 'oob' not available")),
+                    Some("oob") => {}
                     Some(other) => {
                         return Err(QmpError::generic(format!(
                             "Parameter 'enable[{i}]' does not accept value '{other}'"
@@ -316,6 +317,9 @@ impl Session {
                         ))
                     }
                 }
+            }
+            if !caps.is_empty() {
+                return Err(QmpError::generic("Capability 'oob' not available"));
             }
         }
         self.negotiated = true;
