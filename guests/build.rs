@@ -1,5 +1,5 @@
-//! Compiles the guest runtime (`rt/`) and every guest program (`tests/*.c`, `demo/demo.c`) with the system
-//! gcc into `$OUT_DIR`:
+//! Compiles the guest runtime (`rt/`) and every guest program (`tests/*.c` linked with the runtime,
+//! `tests/*.S` standalone, `demo/demo.c`) with the system gcc into `$OUT_DIR`:
 //!
 //! - `<name>.elf64`: the 64-bit ELF as linked, entry = `entry64` (long-mode direct boot);
 //! - `<name>.elf`: the Multiboot v1 image, the same code linked with entry = `entry32` and converted to ELF32
@@ -75,11 +75,12 @@ fn check_tool(tool: &str) {
     }
 }
 
-fn c_files(dir: &Path) -> Vec<PathBuf> {
+/// Sources with extension `ext` in `dir`, sorted.
+fn sources(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "c"))
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
             .collect(),
         Err(_) => Vec::new(),
     };
@@ -129,8 +130,10 @@ fn main() {
         compile(src, obj);
     }
 
-    let mut programs: Vec<(String, PathBuf)> = c_files(&tests)
+    // (name, source); `.c` programs are linked with the runtime, `.S` programs stand alone.
+    let mut programs: Vec<(String, PathBuf)> = sources(&tests, "c")
         .into_iter()
+        .chain(sources(&tests, "S"))
         .filter_map(|p| Some((p.file_stem()?.to_str()?.to_owned(), p)))
         .collect();
     let demo_src = demo.join("demo.c");
@@ -161,7 +164,12 @@ fn main() {
     for (name, src) in &programs {
         let obj = objdir.join(format!("{name}.o"));
         compile(src, &obj);
-        let objs: Vec<&Path> = rt_objs.iter().map(|(_, o)| o.as_path()).chain([obj.as_path()]).collect();
+        let standalone = src.extension().is_some_and(|x| x == "S");
+        let objs: Vec<&Path> = if standalone {
+            vec![obj.as_path()]
+        } else {
+            rt_objs.iter().map(|(_, o)| o.as_path()).chain([obj.as_path()]).collect()
+        };
         let elf64 = out.join(format!("{name}.elf64"));
         let mb64 = objdir.join(format!("{name}.mb64"));
         let mb32 = out.join(format!("{name}.elf"));

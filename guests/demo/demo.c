@@ -1,0 +1,157 @@
+/*
+ * The demo guest: what `enlighten` boots without -kernel. It prints what a guest sees of the machine: the CPU
+ * and hypervisor identity, the vCPUs, memory and the APIC timer. Each report is one entry of `sections`;
+ * to report something new (an enlightenment, say), write a `static void section_x(void)` and add it there.
+ */
+#include "rt.h"
+
+static void cpuid_string(u32 leaf, char out[13])
+{
+    struct cpuid r = cpuid(leaf);
+    memcpy(out, &r.b, 4);
+    memcpy(out + 4, leaf ? &r.c : &r.d, 4);
+    memcpy(out + 8, leaf ? &r.d : &r.c, 4);
+    out[12] = '\0';
+}
+
+static void section_cpu(void)
+{
+    char vendor[13];
+    cpuid_string(0, vendor);
+    struct cpuid f = cpuid(1);
+    u32 family = (f.a >> 8) & 0xF, model = (f.a >> 4) & 0xF;
+    if (family == 0xF)
+        family += (f.a >> 20) & 0xFF;
+    if (family >= 6)
+        model |= ((f.a >> 16) & 0xF) << 4;
+    printf("  vendor        %s, family %u model %u stepping %u\n", vendor, family, model, f.a & 0xF);
+    if (cpuid(0x80000000).a >= 0x80000004) {
+        char brand[49];
+        for (u32 i = 0; i < 3; i++) {
+            struct cpuid b = cpuid(0x80000002 + i);
+            memcpy(brand + 16 * i, &b, 16);
+        }
+        brand[48] = '\0';
+        const char *p = brand;
+        while (*p == ' ')
+            p++;
+        printf("  brand         %s\n", p);
+    }
+    printf("  features      x2apic=%s tsc-deadline=%s hypervisor=%s\n", (f.c >> 21) & 1 ? "yes" : "no",
+           (f.c >> 24) & 1 ? "yes" : "no", (f.c >> 31) & 1 ? "yes" : "no");
+}
+
+static void section_hypervisor(void)
+{
+    if (!((cpuid(1).c >> 31) & 1)) {
+        printf("  no hypervisor bit in CPUID.1:ECX[31]\n");
+        return;
+    }
+    char sig[13];
+    cpuid_string(0x40000000, sig);
+    u32 max = cpuid(0x40000000).a;
+    printf("  0x40000000    \"%s\", max leaf %x\n", sig, max);
+    struct cpuid iface = cpuid(0x40000001);
+    char id[5];
+    memcpy(id, &iface.a, 4);
+    id[4] = '\0';
+    bool hv = iface.a == 0x31237648; /* "Hv#1" */
+    printf("  0x40000001    interface %x%s%s%s\n", iface.a, hv ? " (\"" : "", hv ? id : "", hv ? "\": Hyper-V)" : "");
+    if (hv && max >= 0x40000003) {
+        struct cpuid v = cpuid(0x40000002);
+        struct cpuid feat = cpuid(0x40000003);
+        printf("  version       %u.%u.%u\n", v.b >> 16, v.b & 0xFFFF, v.a);
+        printf("  features      eax=%08x ebx=%08x edx=%08x\n", feat.a, feat.b, feat.d);
+    }
+    for (u32 base = 0x40000100; base <= 0x40000100; base += 0x100) {
+        char s2[13];
+        cpuid_string(base, s2);
+        if (!strcmp(s2, "KVMKVMKVM"))
+            printf("  %x    \"%s\" (KVM leaves moved), features %x\n", base, s2, cpuid(base + 1).a);
+    }
+}
+
+static volatile u32 ap_seen[MAX_CPUS];
+
+static void note_cpu(void *arg)
+{
+    (void)arg;
+    ap_seen[smp_id()] = apic_id() + 1;
+}
+
+static void section_cpus(void)
+{
+    u32 fw = fw_cfg_nb_cpus();
+    smp_init();
+    for (u32 i = 0; i < nr_cpus(); i++)
+        on_cpu(i, note_cpu, NULL);
+    printf("  vCPUs         %u (fw_cfg NB_CPUS %u), %s mode, APIC IDs", nr_cpus(), fw,
+           apic_mode() == APIC_X2APIC ? "x2APIC" : "xAPIC");
+    for (u32 i = 0; i < nr_cpus() && i < 16; i++)
+        printf(" %u", ap_seen[i] - 1);
+    printf(nr_cpus() > 16 ? " ...\n" : "\n");
+}
+
+static void section_memory(void)
+{
+    printf("  RAM           %lu MiB (fw_cfg), Multiboot mem_upper %u KiB\n", fw_cfg_ram_size() >> 20,
+           boot_mem_upper_kib());
+}
+
+static volatile u32 timer_ticks;
+static volatile u64 last_tick_tsc;
+
+static void tick(struct regs *r)
+{
+    (void)r;
+    timer_ticks++;
+    last_tick_tsc = rdtsc();
+    apic_eoi();
+}
+
+static void section_timer(void)
+{
+    /* a 1 ms periodic APIC timer (1 GHz APIC clock), counted over 50 ticks against the TSC */
+    set_irq_handler(0x40, tick);
+    timer_ticks = 0;
+    apic_write(APIC_TDCR, 0xB);
+    apic_write(APIC_LVTT, APIC_LVT_TIMER_PERIODIC | 0x40);
+    u64 t0 = rdtsc();
+    apic_write(APIC_TMICT, 1000000);
+    cli();
+    while (timer_ticks < 50) {
+        safe_halt();
+        cli();
+    }
+    apic_write(APIC_LVTT, APIC_LVT_MASKED);
+    apic_write(APIC_TMICT, 0);
+    u64 dt = last_tick_tsc - t0;
+    u64 hz = tsc_hz_from_cpuid();
+    printf("  APIC timer    50 ticks of a 1 ms periodic timer in %lu TSC ticks", dt);
+    if (hz)
+        printf(" = %lu us at %lu kHz\n", dt / (hz / 1000000), hz / 1000);
+    else
+        printf(" (TSC frequency not in CPUID: %lu kHz if the APIC clock is 1 GHz)\n", dt / 50);
+}
+
+static const struct {
+    const char *title;
+    void (*fn)(void);
+} sections[] = {
+    { "CPU", section_cpu },
+    { "Hypervisor", section_hypervisor },
+    { "vCPUs", section_cpus },
+    { "Memory", section_memory },
+    { "Timer", section_timer },
+};
+
+int main(void)
+{
+    printf("enlighten demo guest (%s entry)\n", booted_via_elf64() ? "ELF64" : "Multiboot");
+    for (u32 i = 0; i < ARRAY_SIZE(sections); i++) {
+        printf("%s\n", sections[i].title);
+        sections[i].fn();
+    }
+    printf("demo done\n");
+    return 0;
+}
