@@ -553,9 +553,12 @@ fn serve(
         }
         splitter.push(&buf[..n], &mut frames);
         for frame in frames.drain(..) {
-            let reply = session.handle_frame(frame);
+            let (reply, succeeded) = session.handle_frame_ex(frame);
             if tx.send(Delivery::Line(Arc::from(reply))).is_err() {
                 return;
+            }
+            if let Some(command) = succeeded {
+                session.after_reply(&command);
             }
             if session.negotiated() && subscription.is_none() {
                 // After the reply to qmp_capabilities is queued, so no event overtakes it.

@@ -23,6 +23,14 @@ pub trait QmpHandler: Send + Sync {
     /// Executes `command` with arguments already checked against its [`CommandSpec`].
     /// Return `Ok(empty_return())` for commands without a result.
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+
+    /// Called on the same thread after the reply to a successful `command` has been queued for
+    /// the client, before the next request is read. QEMU acts on `quit`, `system_reset` and
+    /// `system_powerdown` only after replying (so SHUTDOWN/RESET/POWERDOWN follow the reply);
+    /// start those actions here to keep that order. The default does nothing.
+    fn after_reply(&self, command: &str) {
+        let _ = command;
+    }
 }
 
 /// Type of a command argument, named in errors with QEMU's words.
@@ -175,6 +183,7 @@ pub fn greeting() -> String {
 pub struct Session {
     dispatcher: Arc<Dispatcher>,
     negotiated: bool,
+    pending_after: Option<String>,
 }
 
 fn error_reply(err: &QmpError, id: Option<&Value>) -> String {
@@ -196,6 +205,7 @@ impl Session {
         Self {
             dispatcher,
             negotiated: false,
+            pending_after: None,
         }
     }
 
@@ -206,13 +216,26 @@ impl Session {
 
     /// Handles one frame and returns the reply line (with `\r\n`).
     pub fn handle_frame(&mut self, frame: Frame) -> String {
-        match frame {
+        self.handle_frame_ex(frame).0
+    }
+
+    /// Like [`Session::handle_frame`], also returning the name of the handler command that
+    /// succeeded (for [`QmpHandler::after_reply`]).
+    pub fn handle_frame_ex(&mut self, frame: Frame) -> (String, Option<String>) {
+        self.pending_after = None;
+        let line = match frame {
             Frame::Error(desc) => error_reply(&QmpError::generic(desc), None),
             Frame::Value(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(value) => self.handle_value(value),
                 Err(e) => error_reply(&parse_error(&e.to_string()), None),
             },
-        }
+        };
+        (line, self.pending_after.take())
+    }
+
+    /// Runs the handler's [`QmpHandler::after_reply`] for `command`.
+    pub fn after_reply(&self, command: &str) {
+        self.dispatcher.handler.after_reply(command);
     }
 
     /// Handles one parsed request and returns the reply line (with `\r\n`).
@@ -288,7 +311,11 @@ impl Session {
                     .collect(),
             )),
             "query-version" => Ok(json!(VersionInfo::current())),
-            _ => self.dispatcher.handler.execute(command, args),
+            _ => {
+                let ret = self.dispatcher.handler.execute(command, args)?;
+                self.pending_after = Some(command.to_string());
+                Ok(ret)
+            }
         }
     }
 
