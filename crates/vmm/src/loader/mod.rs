@@ -591,3 +591,6 @@ fn describe_layout(layout: &RamLayout) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests;
