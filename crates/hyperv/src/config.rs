@@ -852,6 +852,8 @@ pub fn parse_frequency(value: &str) -> Option<u64> {
         return u64::from_str_radix(hex, 16).ok();
     }
     let (int_part, frac_part) = match num.split_once('.') {
+        // A fraction needs a unit: "1.5" Hz is not a frequency QEMU accepts.
+        Some(_) if mult == 1 => return None,
         Some((i, f)) => (i, f),
         None => (num, ""),
     };

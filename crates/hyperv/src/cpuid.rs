@@ -588,6 +588,11 @@ pub fn build_report(cfg: &CpuConfig, host: &HostCpuid) -> Result<CpuidBuild, Con
         for c in &dropped_components {
             e.eax &= !(1u32 << c);
         }
+        if fixed.is_some() {
+            // Fixed models know no XSAVE state beyond x87, SSE, AVX, MPX, AVX-512 and PKRU (no AMX tiles etc.).
+            e.eax &= 0x2FF;
+            e.edx = 0;
+        }
         let kept = e.eax;
         base.retain(|x| {
             !(x.function == 0xD && x.index >= 2 && x.index < 32 && kept & (1u32 << x.index) == 0)

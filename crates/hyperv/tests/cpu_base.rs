@@ -68,8 +68,9 @@ fn host_entries() -> Vec<CpuidEntry> {
         ei(0xB, 0, 1, 2, 0x100, 0),
         ei(0xB, 1, 4, 16, 0x201, 0),
         ei(0xB, 2, 0, 0, 2, 0),
-        // XSAVE: x87, SSE, AVX and PKRU (the host has no pku flag, so PKRU must go).
-        ei(0xD, 0, 0x207, 0x340, 0xA88, 0),
+        // XSAVE: x87, SSE, AVX, PKRU (the host has no pku flag, so PKRU must go) and the AMX tile state
+        // (17, 18; kept for host/max, dropped by the fixed models).
+        ei(0xD, 0, 0x6_0207, 0x340, 0xA88, 0),
         ei(0xD, 1, 0xF, 0, 0, 0),
         ei(0xD, 2, 0x100, 0x240, 0, 0),
         ei(0xD, 9, 0x8, 0xA80, 0, 0),
@@ -153,12 +154,12 @@ fn host_model_passes_the_host_through_plus_vmm_bits() {
 fn xsave_components_follow_the_flags() {
     // Host model: PKRU (bit 9) goes because the host has no pku flag; max size = AVX offset + size.
     let l = report("host").entries;
-    assert_eq!(regs(&l, 0xD, 0), [0x7, 0x340, 0x340, 0]);
+    assert_eq!(regs(&l, 0xD, 0), [0x6_0007, 0x340, 0x340, 0]);
     assert!(get(&l, 0xD, 2).is_some());
     assert!(get(&l, 0xD, 9).is_none());
     // Without avx, the AVX state goes too (legacy area + header = 576 bytes).
     let l = report("host,-avx").entries;
-    assert_eq!(regs(&l, 0xD, 0), [0x3, 0x340, 576, 0]);
+    assert_eq!(regs(&l, 0xD, 0), [0x6_0003, 0x340, 576, 0]);
     assert!(get(&l, 0xD, 2).is_none());
     assert_eq!(regs(&l, 1, 0)[2] & (1 << 28), 0);
 }

@@ -379,6 +379,8 @@ fn tsc_frequency() {
     assert_eq!(parse("host").tsc_frequency, None);
     assert_eq!(parse_err("host,tsc-freq=fast"), "bad numerical value fast");
     assert_eq!(parse_err("host,tsc-freq=1.5Q"), "bad numerical value 1.5Q");
+    assert_eq!(parse_err("host,tsc-freq=1.5"), "bad numerical value 1.5");
+    assert_eq!(parse_err("host,tsc-freq="), "bad numerical value ");
     assert_eq!(
         parse_err("host,tsc-frequency=fast"),
         "Parameter 'tsc-frequency' expects int64"
