@@ -290,13 +290,17 @@ impl<P: Platform> Engine<P> {
             }
             hc::POST_MESSAGE => status(self.post_message(vp, h)),
             hc::SIGNAL_EVENT => status(self.signal_event(vp, h)),
-            hc::POST_DEBUG_DATA | hc::RETRIEVE_DEBUG_DATA => {
-                // KVM: fast → INVALID_PARAMETER; SynDbg is not implemented (not enabled) → INVALID_HYPERCALL_CODE.
-                status(if h.fast {
-                    hc::STATUS_INVALID_PARAMETER
+            hc::POST_DEBUG_DATA | hc::RETRIEVE_DEBUG_DATA | hc::RESET_DEBUG_SESSION => {
+                // KVM: fast → INVALID_PARAMETER (not for ResetDebugSession); SynDbg not enabled (0x82.EAX[1]) →
+                // INVALID_HYPERCALL_CODE; SYNDBG_OPTIONS bit 2 ("use hypercalls") clear → OPERATION_DENIED. The
+                // SYNDBG MSRs are not implemented, so that bit can never be set.
+                if h.fast && h.code != hc::RESET_DEBUG_SESSION {
+                    status(hc::STATUS_INVALID_PARAMETER)
+                } else if c.syndbg_eax & SYNDBG_ALLOW_KERNEL_DEBUGGING == 0 {
+                    status(hc::STATUS_INVALID_HYPERCALL_CODE)
                 } else {
-                    hc::STATUS_INVALID_HYPERCALL_CODE
-                })
+                    status(hc::STATUS_OPERATION_DENIED)
+                }
             }
             hc::EXT_QUERY_CAPABILITIES..=hc::EXT_CALL_MAX => {
                 // KVM forwards them to userspace; QEMU answers INVALID_HYPERCALL_CODE.
@@ -306,8 +310,7 @@ impl<P: Platform> Engine<P> {
                     hc::STATUS_INVALID_HYPERCALL_CODE
                 })
             }
-            // Flush and IPI calls are engine III (issue 7); RESET_DEBUG_SESSION needs SynDbg; everything else is
-            // unknown.
+            // Flush and IPI calls are engine III (issue 7); everything else is unknown.
             _ => status(hc::STATUS_INVALID_HYPERCALL_CODE),
         }
     }
