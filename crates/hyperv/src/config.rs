@@ -11,9 +11,10 @@
 //! 1. The text before the first comma is the model name (`host`, `max`, `qemu64`, ...). An empty option is
 //!    `-cpu option cannot be empty`; an unknown model is `unable to find CPU model 'NAME'`.
 //! 2. The rest is split on commas; empty items are skipped (QEMU uses `strtok`).
-//! 3. `+name` / `-name` (legacy syntax) are collected and applied *after* every `name=value` item, all `+` first,
-//!    then all `-`, whatever their position (QEMU's `x86_cpu_expand_features`). Mixing `+name` with a later
-//!    `name=value` gives QEMU's two "Ambiguous CPU model string" warnings.
+//! 3. `+name` / `-name` (legacy syntax) mean `name=on` / `name=off`, applied *after* every `name=value` item,
+//!    all `+` first, then all `-`, whatever their position (newer QEMU registers them as global properties after
+//!    the others). Mixing `+name` with a later `name=value` gives QEMU's two "Ambiguous CPU model string"
+//!    warnings.
 //! 4. `name=value` and bare `name` (= `name=on`) are applied in order, so a later setting wins:
 //!    `hv-relaxed,hv-relaxed=off` leaves hv-relaxed off. Every `_` in a name becomes `-` (QEMU `feat2prop`).
 //!    This module also converts the names of `+`/`-` items, which QEMU does not do itself (it registers explicit
@@ -984,12 +985,6 @@ fn known_model(model: &str) -> bool {
 // Parsing
 // ----------------------------------------------------------------------------------------------------------------
 
-/// A property value: text from `name=value`, or a boolean from the `+name`/`-name` syntax.
-enum PropValue<'a> {
-    Text(&'a str),
-    Bool(bool),
-}
-
 impl CpuConfig {
     /// Parses a QEMU `-cpu` option (`MODEL[,feature...]`). Never panics.
     pub fn parse(spec: &str) -> Result<CpuConfig, ConfigError> {
@@ -1012,7 +1007,6 @@ impl CpuConfig {
         let mut plus: Vec<String> = Vec::new();
         let mut minus: Vec<String> = Vec::new();
         let mut ambiguous = false;
-        let mut vendor_id_raw: Option<String> = None;
 
         for item in rest.split(',').filter(|s| !s.is_empty()) {
             if let Some(name) = item.strip_prefix('+') {
@@ -1048,30 +1042,24 @@ impl CpuConfig {
                 }
                 continue;
             }
-            if name == "hv-vendor-id" {
-                vendor_id_raw = Some(value.to_string());
-                continue;
-            }
-            cfg.set_property(&name, PropValue::Text(value))?;
+            cfg.set_property(&name, value)?;
         }
         if ambiguous {
             cfg.warnings
                 .push("Compatibility of ambiguous CPU model strings won't be kept on future QEMU versions".into());
         }
-        // x86_cpu_hyperv_realize: default and truncate the vendor id.
-        if let Some(v) = vendor_id_raw {
-            let bytes = v.into_bytes();
-            if bytes.len() > 12 {
-                cfg.warnings.push(WARN_VENDOR_ID_TRUNCATED.to_string());
-            }
-            cfg.vendor_id = bytes.into_iter().take(12).collect();
-        }
-        // x86_cpu_expand_features: every "+name", then every "-name".
+        // Newer QEMU registers "+name" as "name=on" and "-name" as "name=off" after every other item, all "+"
+        // first, then all "-".
         for name in &plus {
-            cfg.set_property(name, PropValue::Bool(true))?;
+            cfg.set_property(name, "on")?;
         }
         for name in &minus {
-            cfg.set_property(name, PropValue::Bool(false))?;
+            cfg.set_property(name, "off")?;
+        }
+        // x86_cpu_hyperv_realize: cut the vendor id to 12 bytes, with QEMU's warning.
+        if cfg.vendor_id.len() > 12 {
+            cfg.warnings.push(WARN_VENDOR_ID_TRUNCATED.to_string());
+            cfg.vendor_id.truncate(12);
         }
         Ok(cfg)
     }
@@ -1083,30 +1071,9 @@ impl CpuConfig {
         ))
     }
 
-    fn bool_value(name: &str, value: &PropValue<'_>) -> Result<bool, ConfigError> {
-        match value {
-            PropValue::Text(t) => parse_bool(name, t),
-            PropValue::Bool(b) => Ok(*b),
-        }
-    }
-
-    /// The text of a valued property; `+name`/`-name` on a non-boolean property is a type error in QEMU.
-    fn text_value<'a>(
-        name: &str,
-        value: &PropValue<'a>,
-        expected: &str,
-    ) -> Result<&'a str, ConfigError> {
-        match value {
-            PropValue::Text(t) => Ok(t),
-            PropValue::Bool(_) => Err(ConfigError::msg(format!(
-                "Invalid parameter type for '{name}', expected: {expected}"
-            ))),
-        }
-    }
-
-    fn set_property(&mut self, name: &str, value: PropValue<'_>) -> Result<(), ConfigError> {
+    fn set_property(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
         if let Some(f) = Feature::from_name(name) {
-            if Self::bool_value(name, &value)? {
+            if parse_bool(name, value)? {
                 self.hv.insert(f);
             } else {
                 self.hv.remove(f);
@@ -1114,23 +1081,21 @@ impl CpuConfig {
             return Ok(());
         }
         match name {
-            "hv-passthrough" => self.passthrough = Self::bool_value(name, &value)?,
-            "hv-enforce-cpuid" => self.enforce_cpuid = Self::bool_value(name, &value)?,
-            "x-hv-synic-kvm-only" => self.synic_kvm_only = Self::bool_value(name, &value)?,
-            "kvm" => self.kvm = Self::bool_value(name, &value)?,
-            "enforce" => self.enforce = Self::bool_value(name, &value)?,
-            "check" => self.check = Self::bool_value(name, &value)?,
-            "migratable" => self.migratable = Self::bool_value(name, &value)?,
+            "hv-passthrough" => self.passthrough = parse_bool(name, value)?,
+            "hv-enforce-cpuid" => self.enforce_cpuid = parse_bool(name, value)?,
+            "x-hv-synic-kvm-only" => self.synic_kvm_only = parse_bool(name, value)?,
+            "kvm" => self.kvm = parse_bool(name, value)?,
+            "enforce" => self.enforce = parse_bool(name, value)?,
+            "check" => self.check = parse_bool(name, value)?,
+            "migratable" => self.migratable = parse_bool(name, value)?,
             "hv-spinlocks" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.spinlocks = parse_uint(name, t, u64::from(u32::MAX), "uint32")? as u32;
             }
-            "hv-vendor-id" => {
-                // Reached only through "+hv-vendor-id": a string property cannot take a boolean.
-                Self::text_value(name, &value, "string")?;
-            }
+            // Kept whole here and cut to 12 bytes at the end, as QEMU does at realize time.
+            "hv-vendor-id" => self.vendor_id = value.as_bytes().to_vec(),
             "hv-no-nonarch-coresharing" => {
-                let t = Self::text_value(name, &value, "string")?;
+                let t = value;
                 self.no_nonarch_coresharing = match t {
                     "on" => OnOffAuto::On,
                     "off" => OnOffAuto::Off,
@@ -1143,36 +1108,36 @@ impl CpuConfig {
                 };
             }
             "hv-version-id-build" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.build = parse_uint(name, t, u64::from(u32::MAX), "uint32")? as u32;
             }
             "hv-version-id-major" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.major = parse_uint(name, t, u64::from(u16::MAX), "uint16")? as u16;
             }
             "hv-version-id-minor" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.minor = parse_uint(name, t, u64::from(u16::MAX), "uint16")? as u16;
             }
             "hv-version-id-spack" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.spack = parse_uint(name, t, u64::from(u32::MAX), "uint32")? as u32;
             }
             "hv-version-id-sbranch" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.sbranch = parse_uint(name, t, u64::from(u8::MAX), "uint8")? as u8;
             }
             "hv-version-id-snumber" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.version.snumber = parse_uint(name, t, u64::from(u32::MAX), "uint32")? as u32;
             }
             "x-hv-max-vps" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 self.max_vps =
                     parse_int(name, t, i64::from(i32::MIN), i64::from(i32::MAX), "int32")? as i32;
             }
             "vendor" => {
-                let t = Self::text_value(name, &value, "string")?;
+                let t = value;
                 if t.len() != 12 {
                     return Err(ConfigError::msg(format!(
                         "Property '.vendor' doesn't take value '{t}'"
@@ -1181,7 +1146,7 @@ impl CpuConfig {
                 self.vendor = Some(t.to_string());
             }
             "tsc-frequency" => {
-                let t = Self::text_value(name, &value, "integer")?;
+                let t = value;
                 // QEMU: an int64; a negative value is "doesn't take value". Metric suffixes are accepted too.
                 let hz = match parse_c_integer(t) {
                     Some((true, v)) if v != 0 => {
@@ -1205,7 +1170,7 @@ impl CpuConfig {
                 let Some((canonical, bit)) = lookup_x86_feature(name) else {
                     return Err(self.not_found(name));
                 };
-                let on = Self::bool_value(name, &value)?;
+                let on = parse_bool(name, value)?;
                 self.x86.push(X86Toggle {
                     name: canonical,
                     bit,

@@ -216,10 +216,13 @@ fn spinlocks_values() {
         parse_err("host,hv-spinlocks"),
         "Parameter 'hv-spinlocks' expects uint64"
     );
+    // "+name" is "name=on" (QEMU registers it as a global property with the value "on").
     assert_eq!(
         parse_err("host,+hv-spinlocks"),
-        "Invalid parameter type for 'hv-spinlocks', expected: integer"
+        "Parameter 'hv-spinlocks' expects uint64"
     );
+    assert_eq!(parse("host,+hv-vendor-id").vendor_id, b"on");
+    assert_eq!(parse("host,-hv-vendor-id").vendor_id, b"off");
 }
 
 #[test]
