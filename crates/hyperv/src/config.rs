@@ -1140,7 +1140,7 @@ impl CpuConfig {
                 let t = value;
                 if t.len() != 12 {
                     return Err(ConfigError::msg(format!(
-                        "Property '.vendor' doesn't take value '{t}'"
+                        "Property 'vendor' doesn't take value '{t}'"
                     )));
                 }
                 self.vendor = Some(t.to_string());
@@ -1151,7 +1151,7 @@ impl CpuConfig {
                 let hz = match parse_c_integer(t) {
                     Some((true, v)) if v != 0 => {
                         return Err(ConfigError::msg(format!(
-                            "Property '.tsc-frequency' doesn't take value '-{v}'"
+                            "Property 'tsc-frequency' doesn't take value '-{v}'"
                         )));
                     }
                     Some((_, v)) if v <= i64::MAX as u64 => v,

@@ -390,7 +390,7 @@ fn tsc_frequency() {
     );
     assert_eq!(
         parse_err("host,tsc-frequency=-5"),
-        "Property '.tsc-frequency' doesn't take value '-5'"
+        "Property 'tsc-frequency' doesn't take value '-5'"
     );
 }
 
@@ -521,7 +521,7 @@ fn cpu_options() {
     );
     assert_eq!(
         parse_err("host,vendor=Intel"),
-        "Property '.vendor' doesn't take value 'Intel'"
+        "Property 'vendor' doesn't take value 'Intel'"
     );
     assert!(parse("host,x-hv-synic-kvm-only").synic_kvm_only);
 }
