@@ -233,3 +233,6 @@ pub fn standard_bus(
     bus.insert(HYPERV_TESTDEV_PORT, 4, Box::new(HypervTestDevPlaceholder))?;
     Ok(bus)
 }
+
+#[cfg(test)]
+mod tests;
