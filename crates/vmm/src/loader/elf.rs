@@ -6,6 +6,7 @@ pub const EM_386: u16 = 3;
 /// `EM_X86_64`.
 pub const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
+const PF_X: u32 = 1;
 const ELFCLASS32: u8 = 1;
 const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
@@ -21,6 +22,10 @@ pub struct LoadSegment {
     pub offset: u64,
     /// Physical load address.
     pub paddr: u64,
+    /// Virtual address.
+    pub vaddr: u64,
+    /// `p_flags` (bit 0: executable).
+    pub flags: u32,
     /// Bytes taken from the file.
     pub filesz: u64,
     /// Bytes in memory (the rest after `filesz` is zero-filled).
@@ -41,6 +46,23 @@ pub struct ElfImage {
 }
 
 impl ElfImage {
+    /// The entry point as a physical address, as QEMU's ELF loader computes it: when `e_entry` lies in the
+    /// file-backed part of an executable segment whose virtual and physical addresses differ, it is
+    /// translated to the physical address (higher-half kernels); otherwise it is `e_entry` unchanged.
+    pub fn physical_entry(&self) -> u64 {
+        let mut entry = self.entry;
+        for s in &self.segments {
+            if s.vaddr != s.paddr
+                && s.flags & PF_X != 0
+                && self.entry >= s.vaddr
+                && self.entry - s.vaddr < s.filesz
+            {
+                entry = self.entry - s.vaddr + s.paddr;
+            }
+        }
+        entry
+    }
+
     /// Lowest load address and end (exclusive) of the highest segment, or `None` without segments.
     pub fn bounds(&self) -> Option<(u64, u64)> {
         let low = self.segments.iter().map(|s| s.paddr).min()?;
@@ -173,6 +195,8 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, (bool, String)> {
             LoadSegment {
                 offset: u64_at(b, ph + 8).unwrap_or(0),
                 paddr: u64_at(b, ph + 24).unwrap_or(0),
+                vaddr: u64_at(b, ph + 16).unwrap_or(0),
+                flags: u32_at(b, ph + 4).unwrap_or(0),
                 filesz: u64_at(b, ph + 32).unwrap_or(0),
                 memsz: u64_at(b, ph + 40).unwrap_or(0),
             }
@@ -180,6 +204,8 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, (bool, String)> {
             LoadSegment {
                 offset: u64::from(u32_at(b, ph + 4).unwrap_or(0)),
                 paddr: u64::from(u32_at(b, ph + 12).unwrap_or(0)),
+                vaddr: u64::from(u32_at(b, ph + 8).unwrap_or(0)),
+                flags: u32_at(b, ph + 24).unwrap_or(0),
                 filesz: u64::from(u32_at(b, ph + 16).unwrap_or(0)),
                 memsz: u64::from(u32_at(b, ph + 20).unwrap_or(0)),
             }

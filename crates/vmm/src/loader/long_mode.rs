@@ -152,7 +152,7 @@ where
     Ok(LoadedKernel {
         kind: KernelKind::Elf64,
         boot: BootState::Long64 {
-            rip: image.entry,
+            rip: image.physical_entry(),
             rax: u64::from(MULTIBOOT_BOOTLOADER_MAGIC),
             rbx: MBI_ADDR,
             cr3,

@@ -459,6 +459,10 @@ pub enum LoadError {
 ///   [`BootState::Long64`];
 /// - anything else → [`LoadError::Unsupported`].
 ///
+/// ELF segments are loaded at `p_paddr` (`p_filesz` bytes copied, the rest up to `p_memsz` zeroed). The entry
+/// point is `e_entry`, translated to a physical address as QEMU's ELF loader does when it falls inside an
+/// executable segment whose `p_vaddr` differs from `p_paddr` (higher-half kernels).
+///
 /// Never panics on bad input.
 pub fn load_kernel<M>(
     mem: &M,

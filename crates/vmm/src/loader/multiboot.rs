@@ -430,8 +430,13 @@ where
     let Some((low, high)) = image.bounds() else {
         return Err(bad("no loadable segment".into()));
     };
-    // ELF32: e_entry is a 32-bit field.
-    Ok((KernelKind::MultibootElf, image.entry as u32, low, high))
+    // ELF32: the entry comes from a 32-bit field and segment addresses are 32-bit, so it fits.
+    Ok((
+        KernelKind::MultibootElf,
+        image.physical_entry() as u32,
+        low,
+        high,
+    ))
 }
 
 /// Copies `p_filesz` bytes of each segment and zero-fills the rest up to `p_memsz`. The segments were
@@ -543,6 +548,8 @@ where
     let seg = elf::LoadSegment {
         offset: text_offset,
         paddr: load_start,
+        vaddr: load_start,
+        flags: 0,
         filesz: load_size,
         memsz: kernel_size,
     };

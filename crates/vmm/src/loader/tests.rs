@@ -1056,3 +1056,50 @@ fn ram_layout_helpers() {
     }
     assert_eq!(RamLayout::with_hole(MIB, 3 * GIB).regions(), vec![(0, MIB)]);
 }
+
+#[test]
+fn higher_half_entry_is_translated_like_qemu() {
+    let layout = layout_mib(32);
+    // (ELF64?, e_entry, p_vaddr, p_flags, expected entry)
+    let cases: &[(bool, u64, u64, u32, u64)] = &[
+        (false, 0xC040_0010, 0xC040_0000, 7, 0x40_0010),
+        (false, 0x40_0010, 0x40_0000, 7, 0x40_0010),
+        (false, 0xC040_0010, 0xC040_0000, 6, 0xC040_0010), // not executable: unchanged
+        (false, 0xC050_0000, 0xC040_0000, 7, 0xC050_0000), // outside the file-backed part: unchanged
+        (
+            true,
+            0xFFFF_FFFF_8040_0010,
+            0xFFFF_FFFF_8040_0000,
+            5,
+            0x40_0010,
+        ),
+    ];
+    for &(is_64, entry, vaddr, flags, want) in cases {
+        let mut k = build_elf(
+            is_64,
+            if is_64 { 62 } else { 3 },
+            entry,
+            &[seg(0x40_0000, &[0x90; 0x100], 0x100)],
+            (!is_64).then_some(0),
+        );
+        if is_64 {
+            put32(&mut k, 64 + 4, flags);
+            put64(&mut k, 64 + 16, vaddr);
+        } else {
+            put32(&mut k, 52 + 8, vaddr as u32);
+            put32(&mut k, 52 + 24, flags);
+        }
+        let mem = mem_for(&layout);
+        let loaded = load_kernel(&mem, &layout, &k, "K", "", &[]).expect("load");
+        assert_eq!(
+            loaded.boot.entry(),
+            want,
+            "entry {entry:#x} vaddr {vaddr:#x} flags {flags}"
+        );
+        assert_eq!(
+            read_bytes(&mem, 0x40_0000, 4),
+            [0x90; 4],
+            "loaded at p_paddr"
+        );
+    }
+}
