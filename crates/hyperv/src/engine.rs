@@ -94,9 +94,11 @@ impl<P: Platform> Engine<P> {
 
     /// The vCPU with Hyper-V VP index `index` (for IPI and flush VP sets).
     pub fn vp_by_index(&self, index: u32) -> Option<VpId> {
-        self.vps
+        // VP indexes are fixed by the configuration (restore refuses another layout): no lock needed.
+        self.config
+            .vp_indexes
             .iter()
-            .position(|m| lock(m).vp_index == index)
+            .position(|&i| i == index)
             .map(|i| VpId(i as u32))
     }
 
