@@ -203,15 +203,31 @@ impl EventSink {
         rx
     }
 
+    /// Queues `first` (the reply to `qmp_capabilities`) for the client and subscribes it, both
+    /// under the subscriber lock: no event can overtake the reply, and none emitted after the
+    /// client could have seen the reply is missed. Returns `None` if the client is gone.
     pub(crate) fn subscribe_client(
         &self,
         tx: SyncSender<Delivery>,
+        first: Arc<str>,
         on_overflow: Box<dyn Fn() + Send>,
-    ) -> u64 {
+    ) -> Option<u64> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .insert(id, Subscriber::Client { tx, on_overflow });
-        id
+        let mut subs = self.lock();
+        match tx.try_send(Delivery::Line(first)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(delivery)) => {
+                // The client has not read its replies; do not block emitters on it. Wait
+                // outside the lock (an event emitted meanwhile may be missed; it could not
+                // have been delivered before this reply anyway).
+                drop(subs);
+                tx.send(delivery).ok()?;
+                subs = self.lock();
+            }
+            Err(TrySendError::Disconnected(_)) => return None,
+        }
+        subs.insert(id, Subscriber::Client { tx, on_overflow });
+        Some(id)
     }
 
     pub(crate) fn unsubscribe(&self, id: u64) {

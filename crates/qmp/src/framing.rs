@@ -6,6 +6,8 @@
 //! value itself, and with bounded memory:
 //!
 //! * objects and arrays end when their brackets balance; top-level strings at their closing quote;
+//! * QEMU's JSON extension of single-quoted strings (`{'execute': 'stop'}`) and of `\'` escapes
+//!   is accepted: such strings are rewritten to standard JSON in the frame;
 //! * top-level scalars (`123`, `true`) end at the next whitespace or structural character;
 //! * bytes that cannot start a JSON value are reported as a [`Frame::Error`] per run of such
 //!   bytes, so garbage gets an answer as soon as it arrives and the stream resynchronises at the
@@ -52,6 +54,8 @@ pub struct JsonSplitter {
     buf: Vec<u8>,
     /// The current value went over a limit: it has been reported and is skipped to its end.
     discarding: bool,
+    /// Quote character of the current string: `"` or QEMU's extension `'`.
+    quote: u8,
     max_bytes: usize,
     max_nesting: usize,
 }
@@ -89,6 +93,7 @@ impl JsonSplitter {
             depth: 0,
             buf: Vec::new(),
             discarding: false,
+            quote: b'"',
             max_bytes: max_bytes.max(2),
             max_nesting: max_nesting.max(1),
         }
@@ -152,9 +157,10 @@ impl JsonSplitter {
                             self.buf.push(b);
                             self.state = State::Container;
                         }
-                        b'"' => {
+                        b'"' | b'\'' => {
                             self.depth = 0;
-                            self.buf.push(b);
+                            self.quote = b;
+                            self.buf.push(b'"');
                             self.state = State::Str;
                         }
                         _ if is_scalar_byte(b) => {
@@ -169,9 +175,16 @@ impl JsonSplitter {
                     i += 1;
                 }
                 State::Container => {
-                    self.store(b, out);
+                    if b == b'\'' {
+                        self.store(b'"', out);
+                    } else {
+                        self.store(b, out);
+                    }
                     match b {
-                        b'"' => self.state = State::Str,
+                        b'"' | b'\'' => {
+                            self.quote = b;
+                            self.state = State::Str;
+                        }
                         b'{' | b'[' => {
                             self.depth += 1;
                             if self.depth > self.max_nesting && !self.discarding {
@@ -193,16 +206,32 @@ impl JsonSplitter {
                     i += 1;
                 }
                 State::Str => {
-                    self.store(b, out);
                     match b {
+                        // The backslash is stored with the next byte (see Escape).
                         b'\\' => self.state = State::Escape,
-                        b'"' if self.depth == 0 => self.finish_value(out),
-                        b'"' => self.state = State::Container,
-                        _ => {}
+                        _ if b == self.quote => {
+                            self.store(b'"', out);
+                            if self.depth == 0 {
+                                self.finish_value(out);
+                            } else {
+                                self.state = State::Container;
+                            }
+                        }
+                        // A double quote inside a single-quoted string.
+                        b'"' => {
+                            self.store(b'\\', out);
+                            self.store(b'"', out);
+                        }
+                        _ => self.store(b, out),
                     }
                     i += 1;
                 }
                 State::Escape => {
+                    // QEMU accepts `\'` in both kinds of strings; plain JSON needs no escape
+                    // for `'`.
+                    if b != b'\'' {
+                        self.store(b'\\', out);
+                    }
                     self.store(b, out);
                     self.state = State::Str;
                     i += 1;
@@ -217,7 +246,7 @@ impl JsonSplitter {
                     }
                 }
                 State::Garbage => {
-                    if is_ws(b) || matches!(b, b'{' | b'[' | b'"') {
+                    if is_ws(b) || matches!(b, b'{' | b'[' | b'"' | b'\'') {
                         self.flush_garbage(out);
                     } else {
                         if self.buf.len() < EXCERPT + 1 {
@@ -282,6 +311,15 @@ mod tests {
                 vec![b"), ", b"x{}"],
                 vec![e("JSON parse error, stray '),'"), v("x"), v("{}")],
             ),
+            // QEMU's single-quoted strings become JSON strings.
+            (
+                vec![b"{'execute': 'qmp_capabilities', 'id': 'a\\'b\"c'}"],
+                vec![v(
+                    "{\"execute\": \"qmp_capabilities\", \"id\": \"a'b\\\"c\"}",
+                )],
+            ),
+            (vec![b"'top'"], vec![v("\"top\"")]),
+            (vec![b"{\"a\":\"x\\'y\\n\"}"], vec![v("{\"a\":\"x'y\\n\"}")]),
             // Mismatched brackets still balance: the parser reports the error later.
             (vec![b"{]"], vec![v("{]")]),
             // Incomplete: nothing yet.

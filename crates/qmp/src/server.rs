@@ -553,23 +553,26 @@ fn serve(
         }
         splitter.push(&buf[..n], &mut frames);
         for frame in frames.drain(..) {
+            let was_negotiated = session.negotiated();
             let (reply, succeeded) = session.handle_frame_ex(frame);
-            if tx.send(Delivery::Line(Arc::from(reply))).is_err() {
+            let reply: Arc<str> = Arc::from(reply);
+            if !was_negotiated && session.negotiated() && subscription.is_none() {
+                let Ok(overflow) = stream.try_clone() else {
+                    return;
+                };
+                match shared.sink.subscribe_client(
+                    tx.clone(),
+                    reply,
+                    Box::new(move || overflow.shutdown(Shutdown::Both)),
+                ) {
+                    Some(id) => *subscription = Some(id),
+                    None => return,
+                }
+            } else if tx.send(Delivery::Line(reply)).is_err() {
                 return;
             }
             if let Some(command) = succeeded {
                 session.after_reply(&command);
-            }
-            if session.negotiated() && subscription.is_none() {
-                // After the reply to qmp_capabilities is queued, so no event overtakes it.
-                let overflow = match stream.try_clone() {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
-                *subscription = Some(shared.sink.subscribe_client(
-                    tx.clone(),
-                    Box::new(move || overflow.shutdown(Shutdown::Both)),
-                ));
             }
         }
     }

@@ -441,26 +441,34 @@ fn a_client_that_never_reads_does_not_block_emit() {
     let mut good = f.connect();
     good.negotiate();
     wait_until("subscriptions", || f.events.subscriber_count() == 2);
-    // `good` reads concurrently; `lazy` never reads.
+    // `good` reads concurrently; `lazy` never reads. Events go out in bursts of 100, each
+    // burst after `good` has read the previous one, so only `lazy` can fall behind.
+    let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = read.clone();
     let reader = std::thread::spawn(move || {
-        let mut n = 0;
-        while n < 20_000 {
+        for _ in 0..20_000 {
             let v = good.recv();
             assert_eq!(v["event"], "X");
-            n += 1;
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         good
     });
     let start = Instant::now();
     let big = json!({"pad": "p".repeat(200)});
-    for _ in 0..20_000 {
-        f.events.emit("X", Some(big.clone()));
-        if f.events.subscriber_count() < 2 {
-            // lazy got dropped; keep the pace reasonable for good.
-            std::thread::sleep(Duration::from_micros(20));
+    let mut slowest_emit = Duration::ZERO;
+    for burst in 1..=200 {
+        for _ in 0..100 {
+            let t = Instant::now();
+            f.events.emit("X", Some(big.clone()));
+            slowest_emit = slowest_emit.max(t.elapsed());
         }
+        wait_until("good to read a burst", || {
+            read.load(std::sync::atomic::Ordering::SeqCst) >= burst * 100
+        });
     }
-    assert!(start.elapsed() < Duration::from_secs(30));
+    // Never blocked on the lazy client's full socket.
+    assert!(slowest_emit < Duration::from_secs(1), "{slowest_emit:?}");
+    assert!(start.elapsed() < Duration::from_secs(60));
     let mut good = reader.join().unwrap();
     assert_eq!(f.events.subscriber_count(), 1, "lazy client disconnected");
     assert_eq!(
