@@ -35,6 +35,10 @@ impl BochsShutdown {
 }
 
 impl PioDevice for BochsShutdown {
+    fn reset(&mut self) {
+        self.matched = 0;
+    }
+
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
         data.fill(0xFF);
     }

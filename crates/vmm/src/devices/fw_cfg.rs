@@ -129,6 +129,11 @@ impl FwCfg {
 }
 
 impl PioDevice for FwCfg {
+    /// Items stay; the selection goes back to key 0 at offset 0.
+    fn reset(&mut self) {
+        self.select(FW_CFG_SIGNATURE);
+    }
+
     /// The data port returns consecutive item bytes, one per byte of the access (so a 16- or 32-bit `in`
     /// reads 2 or 4 bytes in item order); the selector port reads 0.
     fn read(&mut self, offset: u16, data: &mut [u8]) {

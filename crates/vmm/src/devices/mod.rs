@@ -45,6 +45,8 @@ pub trait PioDevice: Send {
     fn read(&mut self, offset: u16, data: &mut [u8]);
     /// Handles an `out` of `data.len()` bytes (little-endian).
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
+    /// Returns the device to its power-on state (VM reset). Output sinks and configuration are kept.
+    fn reset(&mut self) {}
 }
 
 /// Little-endian value of up to 8 bytes (extra bytes are ignored).
@@ -198,6 +200,13 @@ impl PioBus {
                 self.unhandled.write(AccessKind::Pio, u64::from(port), data);
                 DeviceAction::None
             }
+        }
+    }
+
+    /// Resets every device (VM reset).
+    pub fn reset(&mut self) {
+        for e in &mut self.entries {
+            e.device.reset();
         }
     }
 

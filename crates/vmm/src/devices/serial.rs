@@ -101,6 +101,14 @@ pub struct SerialDevice {
     uart: Serial<NoopTrigger, NoEvents, SerialSink>,
 }
 
+impl SerialDevice {
+    /// Takes the UART's sink out, leaving a fresh UART writing nowhere.
+    fn take_sink(&mut self) -> SerialSink {
+        let old = std::mem::replace(&mut self.uart, Serial::new(NoopTrigger, SerialSink::Null));
+        old.into_writer()
+    }
+}
+
 impl fmt::Debug for SerialDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SerialDevice")
@@ -129,6 +137,14 @@ impl SerialDevice {
 }
 
 impl PioDevice for SerialDevice {
+    /// A fresh UART (registers at their power-on values, input FIFO empty) writing to the same sink.
+    fn reset(&mut self) {
+        let mut sink = self.take_sink();
+        // Pending output was already written through; flushing is best effort.
+        let _ = sink.flush();
+        self.uart = Serial::new(NoopTrigger, sink);
+    }
+
     /// A wider access is split into byte accesses at consecutive registers, as QEMU does.
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {

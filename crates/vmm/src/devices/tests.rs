@@ -467,3 +467,38 @@ fn le_value_widths() {
         assert_eq!(le_value(bytes), v);
     }
 }
+
+#[test]
+fn reset_returns_devices_to_power_on_state_and_keeps_sinks() {
+    let (sink, buf) = buffer_sink();
+    let mut bus = standard_bus(sink, None, 1 << 27, 3).expect("bus");
+    // Change state everywhere: UART LCR and scratch, fw_cfg selection/offset, a partial Bochs sequence.
+    let (fresh_sink, _) = buffer_sink();
+    let power_on_lcr = read1(&mut SerialDevice::new(fresh_sink), 3);
+    bus.write(0x3FB, &[0x1B]);
+    bus.write(0x3FF, &[0x77]);
+    let mut lcr = [0u8];
+    bus.read(0x3FB, &mut lcr);
+    assert_eq!(lcr[0], 0x1B);
+    bus.write(0x510, &FW_CFG_NB_CPUS.to_le_bytes());
+    let mut one = [0u8];
+    bus.read(0x511, &mut one);
+    assert_eq!(one[0], 3);
+    for &c in b"Shutdo" {
+        bus.write(0x8900, &[c]);
+    }
+    bus.reset();
+    bus.read(0x3FB, &mut lcr);
+    assert_eq!(lcr[0], power_on_lcr, "LCR back to its power-on value");
+    bus.read(0x3FF, &mut one);
+    assert_eq!(one[0], 0, "scratch back to 0");
+    // fw_cfg: key 0 selected at offset 0.
+    bus.read(0x511, &mut one);
+    assert_eq!(one[0], b'Q');
+    // Bochs: the partial sequence is forgotten ("wn" alone does nothing).
+    assert_eq!(bus.write(0x8900, &[b'w']), DeviceAction::None);
+    assert_eq!(bus.write(0x8900, &[b'n']), DeviceAction::None);
+    // The UART still writes to the same sink.
+    bus.write(0x3F8, &[b'!']);
+    assert_eq!(buf.lock().unwrap().as_slice(), b"!");
+}
