@@ -496,9 +496,9 @@ fn reset_returns_devices_to_power_on_state_and_keeps_sinks() {
     bus.read(0x511, &mut one);
     assert_eq!(one[0], b'Q');
     // Bochs: the partial sequence is forgotten ("wn" alone does nothing).
-    assert_eq!(bus.write(0x8900, &[b'w']), DeviceAction::None);
-    assert_eq!(bus.write(0x8900, &[b'n']), DeviceAction::None);
+    assert_eq!(bus.write(0x8900, b"w"), DeviceAction::None);
+    assert_eq!(bus.write(0x8900, b"n"), DeviceAction::None);
     // The UART still writes to the same sink.
-    bus.write(0x3F8, &[b'!']);
+    bus.write(0x3F8, b"!");
     assert_eq!(buf.lock().unwrap().as_slice(), b"!");
 }
