@@ -4,7 +4,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::elf::{self, EM_X86_64};
-use super::multiboot::{check_image_range, load_segments, write_boot_info};
+use super::multiboot::{check_image_range, load_segments, write_boot_info, LoaderAreas};
 use super::{
     write_mem, BootRegs, BootState, KernelKind, LoadError, LoadedKernel, Module, RamLayout,
     Segment, BOOT_GDT, BOOT_PD, BOOT_PDPT, BOOT_PML4, MBI_ADDR, MMAP_ADDR,
@@ -38,6 +38,13 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+
+/// The long-mode loader's areas: the page tables and the GDT are also reported as reserved in the memory map,
+/// so a kernel that allocates from the usable entries does not overwrite the tables it runs on.
+const LONG_MODE_AREAS: LoaderAreas = LoaderAreas {
+    areas: LONG_MODE_RESERVED,
+    withheld: Some((BOOT_PML4, BOOT_GDT + PAGE_SIZE)),
+};
 
 /// Loader areas a 64-bit image must not overlap.
 const LONG_MODE_RESERVED: &[(&str, u64, u64)] = &[
@@ -145,7 +152,7 @@ where
         path,
         append,
         modules,
-        LONG_MODE_RESERVED,
+        &LONG_MODE_AREAS,
     )?;
     let cr3 = write_identity_page_tables(mem)?;
     write_gdt(mem)?;

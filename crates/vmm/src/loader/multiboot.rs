@@ -182,11 +182,52 @@ pub(super) fn check_image_range(
     Ok(())
 }
 
-/// Loader areas a Multiboot image must not overlap.
+/// The loader's own memory for one kind of kernel.
+pub(super) struct LoaderAreas {
+    /// Named ranges the image and the data after it must not overlap.
+    pub areas: &'static [(&'static str, u64, u64)],
+    /// A range reported as reserved (type 2) in the memory map, carved out of usable RAM.
+    pub withheld: Option<(u64, u64)>,
+}
+
+/// Loader areas a Multiboot image must not overlap. The memory map is exactly QEMU's.
 const MULTIBOOT_RESERVED: &[(&str, u64, u64)] = &[
     ("boot GDT", BOOT_GDT, BOOT_GDT + PAGE_SIZE),
     ("memory map and Multiboot information", MB_AREA.0, MB_AREA.1),
 ];
+
+/// The Multiboot loader's areas.
+const MULTIBOOT_AREAS: LoaderAreas = LoaderAreas {
+    areas: MULTIBOOT_RESERVED,
+    withheld: None,
+};
+
+/// Marks `[start, end)` as reserved in `map`, splitting the usable entries it overlaps. Keeps the map sorted.
+pub(super) fn withhold(map: &[MemoryMapEntry], start: u64, end: u64) -> Vec<MemoryMapEntry> {
+    let mut out = Vec::with_capacity(map.len() + 2);
+    for e in map {
+        let e_end = e.base + e.length;
+        if e.kind != MemoryMapEntry::RAM || end <= e.base || e_end <= start {
+            out.push(*e);
+            continue;
+        }
+        let (cut_start, cut_end) = (start.max(e.base), end.min(e_end));
+        for (base, limit, kind) in [
+            (e.base, cut_start, MemoryMapEntry::RAM),
+            (cut_start, cut_end, MemoryMapEntry::RESERVED),
+            (cut_end, e_end, MemoryMapEntry::RAM),
+        ] {
+            if limit > base {
+                out.push(MemoryMapEntry {
+                    base,
+                    length: limit - base,
+                    kind,
+                });
+            }
+        }
+    }
+    out
+}
 
 /// Where the loader data after the image goes (QEMU's layout, offsets from the image start).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,7 +286,7 @@ pub(super) fn write_boot_info<M>(
     kernel_path: &str,
     append: &str,
     modules: &[Module],
-    reserved: &[(&'static str, u64, u64)],
+    areas: &LoaderAreas,
 ) -> Result<(u64, Vec<MemoryMapEntry>), LoadError>
 where
     M: Bytes<GuestAddress, E = GuestMemoryError>,
@@ -257,7 +298,7 @@ where
             have: layout.below_4g,
         });
     }
-    for &(area, area_start, area_end) in reserved {
+    for &(area, area_start, area_end) in areas.areas {
         if info.mods_addr < area_end && area_start < info.end {
             return Err(LoadError::OverlapsLoaderData {
                 path: kernel_path.to_string(),
@@ -303,7 +344,10 @@ where
 
     // Memory map and MBI in QEMU's fixed page.
     zero_mem(mem, MB_AREA.0, MB_AREA.1 - MB_AREA.0)?;
-    let map = build_memory_map(layout);
+    let mut map = build_memory_map(layout);
+    if let Some((start, end)) = areas.withheld {
+        map = withhold(&map, start, end);
+    }
     let map_bytes: Vec<u8> = map.iter().flat_map(|e| e.to_bytes()).collect();
     write_mem(mem, MMAP_ADDR, &map_bytes)?;
 
@@ -356,7 +400,7 @@ where
         path,
         append,
         modules,
-        MULTIBOOT_RESERVED,
+        &MULTIBOOT_AREAS,
     )?;
     write_gdt(mem)?;
     Ok(LoadedKernel {

@@ -1103,3 +1103,85 @@ fn higher_half_entry_is_translated_like_qemu() {
         );
     }
 }
+
+#[test]
+fn long_mode_memory_map_withholds_the_page_tables() {
+    let layout = layout_mib(64);
+    let mem = mem_for(&layout);
+    let k = load_kernel(
+        &mem,
+        &layout,
+        &elf64(0x20_0000, &[seg(0x20_0000, &[1], 1)]),
+        "K",
+        "",
+        &[],
+    )
+    .expect("load");
+    let got: Vec<(u64, u64, u32)> = k
+        .memory_map
+        .iter()
+        .map(|e| (e.base, e.length, e.kind))
+        .collect();
+    let mut want = vec![
+        (0, 0x1000, 1),
+        (0x1000, 0x7000, 2),
+        (0x8000, 0x9_FC00 - 0x8000, 1),
+    ];
+    want.extend(
+        build_memory_map(&layout)
+            .iter()
+            .skip(1)
+            .map(|e| (e.base, e.length, e.kind)),
+    );
+    assert_eq!(got, want);
+    assert_eq!(read_u32(&mem, 0x9500 + 44), 24 * want.len() as u32);
+    assert_eq!(read_u32(&mem, 0x9500 + 4), 639, "mem_lower unchanged");
+    // Multiboot keeps QEMU's map.
+    let k = load_kernel(&mem, &layout, &simple_kernel(), "K", "", &[]).expect("load");
+    assert_eq!(k.memory_map, build_memory_map(&layout));
+}
+
+#[test]
+fn withhold_splits_usable_entries() {
+    let e = |base, length, kind| MemoryMapEntry { base, length, kind };
+    let map = vec![e(0, 0x1000, 1), e(0x1000, 0x1000, 2), e(0x2000, 0x3000, 1)];
+    // (start, end, expected)
+    let cases: Vec<(u64, u64, Vec<MemoryMapEntry>)> = vec![
+        (0x6000, 0x7000, map.clone()),
+        (0x1000, 0x2000, map.clone()),
+        (
+            0x2000,
+            0x5000,
+            vec![e(0, 0x1000, 1), e(0x1000, 0x1000, 2), e(0x2000, 0x3000, 2)],
+        ),
+        (
+            0x3000,
+            0x4000,
+            vec![
+                e(0, 0x1000, 1),
+                e(0x1000, 0x1000, 2),
+                e(0x2000, 0x1000, 1),
+                e(0x3000, 0x1000, 2),
+                e(0x4000, 0x1000, 1),
+            ],
+        ),
+        (
+            0x800,
+            0x2800,
+            vec![
+                e(0, 0x800, 1),
+                e(0x800, 0x800, 2),
+                e(0x1000, 0x1000, 2),
+                e(0x2000, 0x800, 2),
+                e(0x2800, 0x2800, 1),
+            ],
+        ),
+    ];
+    for (start, end, want) in cases {
+        assert_eq!(
+            super::multiboot::withhold(&map, start, end),
+            want,
+            "{start:#x}..{end:#x}"
+        );
+    }
+}
