@@ -118,7 +118,13 @@ fn main() {
 
     let compile = |src: &Path, obj: &Path| {
         let mut cmd = Command::new(&cc);
-        cmd.args(CFLAGS).arg("-I").arg(&rt).arg("-c").arg(src).arg("-o").arg(obj);
+        cmd.args(CFLAGS)
+            .arg("-I")
+            .arg(&rt)
+            .arg("-c")
+            .arg(src)
+            .arg("-o")
+            .arg(obj);
         run(&mut cmd, &format!("compiling {}", src.display()));
     };
 
@@ -168,7 +174,11 @@ fn main() {
         let objs: Vec<&Path> = if standalone {
             vec![obj.as_path()]
         } else {
-            rt_objs.iter().map(|(_, o)| o.as_path()).chain([obj.as_path()]).collect()
+            rt_objs
+                .iter()
+                .map(|(_, o)| o.as_path())
+                .chain([obj.as_path()])
+                .collect()
         };
         let elf64 = out.join(format!("{name}.elf64"));
         let mb64 = objdir.join(format!("{name}.mb64"));
@@ -176,10 +186,18 @@ fn main() {
         link(&objs, "entry64", &elf64);
         link(&objs, "entry32", &mb64);
         run(
-            Command::new(&objcopy).args(["-O", "elf32-i386"]).arg(&mb64).arg(&mb32),
+            Command::new(&objcopy)
+                .args(["-O", "elf32-i386"])
+                .arg(&mb64)
+                .arg(&mb32),
             &format!("objcopy of {}", mb64.display()),
         );
-        let _ = writeln!(table, "    ({name:?}, {:?}, {:?}),", mb32.display().to_string(), elf64.display().to_string());
+        let _ = writeln!(
+            table,
+            "    ({name:?}, {:?}, {:?}),",
+            mb32.display().to_string(),
+            elf64.display().to_string()
+        );
     }
 
     let mut gen = String::new();
@@ -188,11 +206,22 @@ fn main() {
     gen.push_str(&table);
     gen.push_str("];\n");
     let names: Vec<String> = programs.iter().map(|(n, _)| format!("{n:?}")).collect();
-    let _ = writeln!(gen, "/// Names of every guest program (the test programs and \"demo\").");
+    let _ = writeln!(
+        gen,
+        "/// Names of every guest program (the test programs and \"demo\")."
+    );
     let _ = writeln!(gen, "pub const NAMES: &[&str] = &[{}];", names.join(", "));
     if demo_src.exists() {
-        let _ = writeln!(gen, "const DEMO_ELF32: &[u8] = include_bytes!({:?});", out.join("demo.elf").display().to_string());
-        let _ = writeln!(gen, "const DEMO_ELF64: &[u8] = include_bytes!({:?});", out.join("demo.elf64").display().to_string());
+        let _ = writeln!(
+            gen,
+            "const DEMO_ELF32: &[u8] = include_bytes!({:?});",
+            out.join("demo.elf").display().to_string()
+        );
+        let _ = writeln!(
+            gen,
+            "const DEMO_ELF64: &[u8] = include_bytes!({:?});",
+            out.join("demo.elf64").display().to_string()
+        );
     } else {
         gen.push_str("const DEMO_ELF32: &[u8] = &[];\nconst DEMO_ELF64: &[u8] = &[];\n");
     }

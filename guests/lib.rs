@@ -42,7 +42,11 @@ mod tests {
             }
             let elf32 = std::fs::read(kernel_path(name).unwrap_or_default()).unwrap_or_default();
             assert_eq!(elf32[4], 1, "{name}: Multiboot image must be ELFCLASS32");
-            assert_eq!(u16::from_le_bytes([elf32[18], elf32[19]]), 3, "{name}: e_machine must be EM_386");
+            assert_eq!(
+                u16::from_le_bytes([elf32[18], elf32[19]]),
+                3,
+                "{name}: e_machine must be EM_386"
+            );
             // The Multiboot header must be 4-byte aligned within the first 8192 bytes.
             let found = elf32[..elf32.len().min(8192)]
                 .chunks_exact(4)

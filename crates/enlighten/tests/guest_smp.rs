@@ -1,0 +1,45 @@
+//! SMP bring-up under real KVM: 1, 2 and 4 vCPUs in xAPIC and x2APIC mode; every vCPU comes online through
+//! INIT + one SIPI, reports its APIC ID (== its index), runs a function on request and runs code at CPL 3.
+
+mod guest_common;
+use guest_common::*;
+
+#[test]
+fn smp_bring_up_every_vcpu_reports_its_apic_id() {
+    let cases: &[(u32, &str)] = &[
+        (1, "xapic"),
+        (1, "x2apic"),
+        (2, "xapic"),
+        (2, "x2apic"),
+        (4, "xapic"),
+        (4, "x2apic"),
+    ];
+    for &(smp, mode) in cases {
+        let append = format!("mode={mode} cpus={smp}");
+        let o = run_guest("smp", smp, Some(&append), &[]);
+        let online = format!("{smp} CPUs online, expected {smp}");
+        assert_passed_with(
+            &o,
+            &[
+                &online,
+                "every vCPU reports APIC ID == index",
+                "on_cpu ran once on every vCPU",
+                "every vCPU ran a function at CPL 3",
+                "IA32_APIC_BASE.EXTD matches",
+            ],
+        );
+        let want_mode = if mode == "x2apic" {
+            "(x2APIC)"
+        } else {
+            "(xAPIC)"
+        };
+        for cpu in 0..smp {
+            let line = format!("CPU {cpu}: APIC ID {cpu} {want_mode}");
+            assert!(
+                o.stdout.contains(&line),
+                "missing {line:?}\n{}",
+                o.describe()
+            );
+        }
+    }
+}
