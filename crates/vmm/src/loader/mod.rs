@@ -16,6 +16,9 @@
 //! | page-aligned end of the image .. | module list, command lines, `"qemu"`, then the modules, each page-aligned | both |
 //!
 //! A kernel whose image (including its BSS) overlaps one of these areas is refused with a clear error.
+//!
+//! The Multiboot memory map is QEMU's (see [`build_memory_map`]); for a 64-bit ELF it additionally reports
+//! 0x1000..0x8000 (page tables and GDT) as reserved.
 
 mod elf;
 mod long_mode;
