@@ -15,7 +15,7 @@ pub enum ErrorClass {
 
 /// An error a command returns. The server turns it into
 /// `{"error": {"class": CLASS, "desc": DESC}, "id": ID}`.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{desc}")]
 pub struct QmpError {
     pub class: ErrorClass,

@@ -72,12 +72,13 @@ impl Event {
     /// `{"timestamp": {"seconds": S, "microseconds": U}, "event": NAME, "data": DATA}` + `\r\n`.
     pub fn to_wire_at(&self, seconds: u64, microseconds: u32) -> String {
         let mut out = Vec::with_capacity(96);
-        out.extend_from_slice(b"{\"timestamp\": ");
-        write_json(
-            &mut out,
-            &json!({"seconds": seconds, "microseconds": microseconds}),
+        // Members in QEMU's order: timestamp (seconds, microseconds), event, data.
+        out.extend_from_slice(
+            format!(
+                "{{\"timestamp\": {{\"seconds\": {seconds}, \"microseconds\": {microseconds}}}, \"event\": "
+            )
+            .as_bytes(),
         );
-        out.extend_from_slice(b", \"event\": ");
         write_json(&mut out, &self.name);
         if let Some(data) = &self.data {
             out.extend_from_slice(b", \"data\": ");
@@ -285,7 +286,12 @@ mod tests {
             let line = event.to_wire_at(1700000000, 123456);
             expected["timestamp"] = json!({"seconds": 1700000000u64, "microseconds": 123456});
             assert_eq!(parse(&line), expected);
-            assert!(line.starts_with("{\"timestamp\": {"), "{line}");
+            assert!(
+                line.starts_with(
+                    "{\"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 123456}, \"event\": "
+                ),
+                "{line}"
+            );
         }
     }
 

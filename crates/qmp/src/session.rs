@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorClass, QmpError};
@@ -175,7 +176,22 @@ impl Dispatcher {
 
 /// The greeting line (with its `\r\n`).
 pub fn greeting() -> String {
-    to_wire(&json!({"QMP": {"version": VersionInfo::current(), "capabilities": []}}))
+    #[derive(Serialize)]
+    struct Inner {
+        version: VersionInfo,
+        capabilities: [&'static str; 0],
+    }
+    #[derive(Serialize)]
+    struct Greeting {
+        #[serde(rename = "QMP")]
+        qmp: Inner,
+    }
+    to_wire(&Greeting {
+        qmp: Inner {
+            version: VersionInfo::current(),
+            capabilities: [],
+        },
+    })
 }
 
 /// State of one connection.
@@ -186,13 +202,25 @@ pub struct Session {
     pending_after: Option<String>,
 }
 
+/// Success reply: `{"return": ..., "id": ...}` (members in QEMU's order).
+#[derive(Serialize)]
+struct ReturnReply<'a> {
+    #[serde(rename = "return")]
+    ret: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+}
+
+/// Error reply: `{"error": {"class": ..., "desc": ...}, "id": ...}`.
+#[derive(Serialize)]
+struct ErrorReply<'a> {
+    error: &'a QmpError,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+}
+
 fn error_reply(err: &QmpError, id: Option<&Value>) -> String {
-    let mut reply = Map::new();
-    reply.insert("error".to_string(), err.to_json());
-    if let Some(id) = id {
-        reply.insert("id".to_string(), id.clone());
-    }
-    to_wire(&Value::Object(reply))
+    to_wire(&ErrorReply { error: err, id })
 }
 
 fn parse_error(detail: &str) -> QmpError {
@@ -245,14 +273,7 @@ impl Session {
         };
         let id = obj.get("id");
         match self.run(&obj) {
-            Ok(ret) => {
-                let mut reply = Map::new();
-                reply.insert("return".to_string(), ret);
-                if let Some(id) = id {
-                    reply.insert("id".to_string(), id.clone());
-                }
-                to_wire(&Value::Object(reply))
-            }
+            Ok(ret) => to_wire(&ReturnReply { ret: &ret, id }),
             Err(err) => error_reply(&err, id),
         }
     }
@@ -402,6 +423,14 @@ mod tests {
 
     #[test]
     fn greeting_shape() {
+        assert_eq!(
+            greeting(),
+            format!(
+                "{{\"QMP\": {{\"version\": {{\"qemu\": {{\"major\": 7, \"minor\": 2, \"micro\": 0}}, \
+                 \"package\": \"enlighten {}\"}}, \"capabilities\": []}}}}\r\n",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
         let g: Value = serde_json::from_str(greeting().trim_end()).unwrap();
         assert_eq!(
             g,
@@ -465,6 +494,15 @@ mod tests {
     fn id_echo_of_every_json_type() {
         let mut s = session();
         ask(&mut s, r#"{"execute":"qmp_capabilities"}"#);
+        // Exact bytes: `return`/`error` first, then `id`, QEMU's separators.
+        assert_eq!(
+            s.handle_frame(Frame::Value(br#"{"id":[1,"x"],"execute":"stop"}"#.to_vec())),
+            "{\"return\": {}, \"id\": [1, \"x\"]}\r\n"
+        );
+        assert_eq!(
+            s.handle_frame(Frame::Value(br#"{"id":2,"execute":"nope"}"#.to_vec())),
+            "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nope has not been found\"}, \"id\": 2}\r\n"
+        );
         for id in [
             json!("__qmp#00000"),
             json!(7),
