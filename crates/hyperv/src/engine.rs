@@ -22,7 +22,8 @@ pub enum EngineError {
 }
 
 /// The Hyper-V engine for one VM. Share it between vCPU threads with `Arc`; see [`crate::platform`] for the
-/// threading contract. Lock order: partition before VP, VPs in ascending order; platform calls never re-enter.
+/// threading contract. Lock order: a VP lock before the partition lock, never two VP locks at once; platform calls
+/// never re-enter.
 pub struct Engine<P: Platform> {
     pub(crate) config: EngineConfig,
     pub(crate) platform: P,
@@ -185,14 +186,11 @@ impl<P: Platform> Engine<P> {
     /// reference clock are kept (KVM's clock survives a reset; see [`Engine::rebase_reference_time`]).
     /// Call it with every vCPU stopped.
     pub fn reset(&self) {
-        let mut p = self.part();
-        let clock = p.clock;
-        *p = PartitionState::initial(clock);
         for (i, m) in self.vps.iter().enumerate() {
             let id = VpId(i as u32);
             let mut v = lock(m);
-            for t in 0..STIMER_COUNT {
-                if v.stimers[t].exp_time != 0 {
+            for (t, timer) in v.stimers.iter().enumerate() {
+                if timer.armed {
                     self.platform.cancel_timer(id, TimerId(t as u8));
                 }
             }
@@ -206,24 +204,26 @@ impl<P: Platform> Engine<P> {
                 self.platform.pv_eoi_page_changed(id, None);
             }
         }
+        let mut p = self.part();
+        let clock = p.clock;
+        *p = PartitionState::initial(clock);
     }
 
     /// Snapshot of the whole engine state. Call it with every vCPU stopped.
     pub fn save(&self) -> EngineState {
-        let p = self.part();
-        let mut state = EngineState {
-            version: STATE_VERSION,
-            partition: p.clone(),
-            vps: Vec::new(),
-        };
-        // VP_RUNTIME continues across migration: store it as an offset from 0 thread time.
+        let mut vps = Vec::with_capacity(self.vps.len());
+        // VP_RUNTIME continues across migration: the saved `runtime_offset` is the VP_RUNTIME value itself.
         for (i, m) in self.vps.iter().enumerate() {
             let mut v = lock(m).clone();
             let now = (self.platform.vp_runtime_ns(VpId(i as u32)) / 100) as i64;
             v.runtime_offset = v.runtime_offset.wrapping_add(now);
-            state.vps.push(v);
+            vps.push(v);
         }
-        state
+        EngineState {
+            version: STATE_VERSION,
+            partition: self.part().clone(),
+            vps,
+        }
     }
 
     /// Restores a state from [`Engine::save`] (possibly from another process). Call it with every vCPU stopped,
@@ -251,11 +251,14 @@ impl<P: Platform> Engine<P> {
                 });
             }
         }
-        let mut p = self.part();
-        *p = state.partition.clone();
         for (i, (m, v)) in self.vps.iter().zip(&state.vps).enumerate() {
             let id = VpId(i as u32);
             let mut cur = lock(m);
+            for (t, timer) in cur.stimers.iter().enumerate() {
+                if timer.armed {
+                    self.platform.cancel_timer(id, TimerId(t as u8));
+                }
+            }
             let now = (self.platform.vp_runtime_ns(id) / 100) as i64;
             *cur = VpState {
                 runtime_offset: v.runtime_offset.wrapping_sub(now),
@@ -265,22 +268,31 @@ impl<P: Platform> Engine<P> {
                 (cur.vp_assist_page & 1 != 0).then_some(cur.vp_assist_page & !PAGE_OFFSET_MASK);
             self.platform.pv_eoi_page_changed(id, assist);
         }
+        *self.part() = state.partition.clone();
+        self.rearm_stimers();
         Ok(())
     }
 
     /// Timer `timer` of VP `vp` expired (see [`Platform::arm_timer`]). Call on VP `vp`'s thread. Stale or unknown
-    /// expiries are ignored. Synthetic timers are engine II: nothing is armed yet.
+    /// expiries are ignored; an early one re-arms the timer.
     pub fn timer_expired(&self, vp: VpId, timer: TimerId) {
-        // Nothing arms timers before engine II, so every expiry is stale and ignored.
-        let _ = (vp, timer);
+        let n = usize::from(timer.0);
+        let Some(mut v) = self.vp(vp) else { return };
+        if n >= STIMER_COUNT || !v.stimers[n].armed {
+            return;
+        }
+        v.stimers[n].armed = false;
+        let now = || self.reference_time(vp);
+        crate::stimer::process(&self.platform, vp, &mut v, n, &now);
     }
 
     /// Runs deferred work queued with [`Platform::run_on_vp`]. Call on VP `vp`'s thread.
     pub fn run_vp_work(&self, vp: VpId, work: VpWork) {
         match work.0 {
-            VpWorkKind::SynicRetry(_mask) => {
-                // Engine II retries staged messages here.
-                let _ = self.vp(vp);
+            VpWorkKind::SynicRetry(mask) => {
+                let Some(mut v) = self.vp(vp) else { return };
+                let now = || self.reference_time(vp);
+                crate::stimer::retry_acked(&self.platform, vp, &mut v, mask, &now);
             }
         }
     }

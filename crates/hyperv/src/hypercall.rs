@@ -288,8 +288,8 @@ impl<P: Platform> Engine<P> {
                 self.platform.yield_vp(vp);
                 status(hc::STATUS_SUCCESS)
             }
-            hc::POST_MESSAGE => status(self.post_message(vp, h)),
-            hc::SIGNAL_EVENT => status(self.signal_event(vp, h)),
+            hc::POST_MESSAGE => status(self.hv_post_message(vp, h)),
+            hc::SIGNAL_EVENT => status(self.hv_signal_event(vp, h)),
             hc::POST_DEBUG_DATA | hc::RETRIEVE_DEBUG_DATA | hc::RESET_DEBUG_SESSION => {
                 // KVM: fast → INVALID_PARAMETER (not for ResetDebugSession); SynDbg not enabled (0x82.EAX[1]) →
                 // INVALID_HYPERCALL_CODE; SYNDBG_OPTIONS bit 2 ("use hypercalls") clear → OPERATION_DENIED. The
@@ -316,7 +316,7 @@ impl<P: Platform> Engine<P> {
     }
 
     /// HvCallPostMessage: KVM's checks, then QEMU's (`hyperv_hcall_post_message`). Uses the input GPA only.
-    fn post_message(&self, vp: VpId, h: &HypercallInput) -> u16 {
+    fn hv_post_message(&self, vp: VpId, h: &HypercallInput) -> u16 {
         if h.rep() || h.var_cnt != 0 || !self.config.synic {
             return hc::STATUS_INVALID_HYPERCALL_INPUT;
         }
@@ -355,7 +355,7 @@ impl<P: Platform> Engine<P> {
 
     /// HvCallSignalEvent: KVM's checks (there are no in-kernel eventfds here, so every connection goes the
     /// userspace way), then QEMU's. Slow calls use the input GPA only; fast calls no GPA.
-    fn signal_event(&self, vp: VpId, h: &HypercallInput) -> u16 {
+    fn hv_signal_event(&self, vp: VpId, h: &HypercallInput) -> u16 {
         if h.rep() || h.var_cnt != 0 {
             return hc::STATUS_INVALID_HYPERCALL_INPUT;
         }

@@ -41,3 +41,4 @@ pub use hypercall::{CpuMode, HypercallOutcome, HypercallRegs, RegisterWrites};
 pub use msr::Gp;
 pub use platform::{ApicAccess, Event, MemError, Platform, TimerId, VpId, VpWork};
 pub use state::{EngineState, RestoreError};
+pub use synic::SynicError;

@@ -116,7 +116,8 @@ impl<P: Platform> Engine<P> {
             if !self.config.synic {
                 return Err(Gp);
             }
-            return synic::write(&self.platform, vp, &mut v, index, value);
+            let now = || self.reference_time(vp);
+            return synic::write(&self.platform, vp, &mut v, index, value, &now);
         }
         if stimer::is_stimer_msr(index) {
             if !self.config.synic {
@@ -130,7 +131,8 @@ impl<P: Platform> Engine<P> {
             {
                 return Err(Gp);
             }
-            return stimer::write(&mut v, index, value);
+            let now = || self.reference_time(vp);
+            return stimer::write(&self.platform, vp, &mut v, index, value, &now);
         }
         if vapic::is_vapic_msr(index) {
             return vapic::write(&self.platform, vp, &mut v, index, value);

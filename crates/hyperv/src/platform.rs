@@ -129,6 +129,13 @@ pub trait Platform: Send + Sync {
         let _ = (vp, gpa);
     }
 
+    /// The guest acknowledged the SINTs in `sints` (bit n = SINT n) of VP `vp`, by EOM or by the EOI of their
+    /// vector: a device with a staged message for one of them may retry now (QEMU's SINT-route ack notifier).
+    /// Must not re-enter the engine synchronously. Default: ignored.
+    fn sint_acked(&self, vp: VpId, sints: u16) {
+        let _ = (vp, sints);
+    }
+
     // ----- time ----------------------------------------------------------------------------------------------------
 
     /// The guest TSC of VP `vp` now: host TSC with the vCPU's TSC offset (and scaling) applied, computed without an

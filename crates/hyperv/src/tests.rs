@@ -202,8 +202,8 @@ fn msr_read_write_table() {
             true,
             Some(0xFFFF_0000_0002_00FF),
         ),
-        (STIMER0_CONFIG, Some(0), 1, false, Some(0)),
-        (STIMER3_COUNT, Some(0), 1, false, Some(0)),
+        (STIMER0_CONFIG, Some(0), 1, true, Some(1)),
+        (STIMER3_COUNT, Some(0), 1, true, Some(1)),
         (GUEST_IDLE, None, 1, false, None),
         (SYNDBG_CONTROL, None, 0, false, None),
         (SYNDBG_STATUS, None, 0, false, None),
@@ -373,7 +373,7 @@ fn hypercall_msr_locked_bit() {
 // ----- gating -------------------------------------------------------------------------------------------------
 
 /// The stages of KVM's `hyperv_features` selftest (MSR part) that engine I covers, with bits accumulating and a
-/// fresh partition per stage; SynIC activated from stage 21. Stimer writes with an active SynIC are engine II.
+/// fresh partition per stage; SynIC activated from stage 21.
 #[test]
 fn enforce_msr_stages_from_kvm_selftest() {
     enum Op {
@@ -420,8 +420,15 @@ fn enforce_msr_stages_from_kvm_selftest() {
         (23, Add::None, Wr(EOM, 0), true),
         (24, Add::None, Rd(STIMER0_CONFIG), false),
         (25, Add::Eax(eax3::SYNTIMERS), Rd(STIMER0_CONFIG), true),
+        (26, Add::None, Wr(STIMER0_CONFIG, 0), true),
         (27, Add::None, Wr(STIMER0_CONFIG, 0x1000), false),
-        (29, Add::Edx(edx3::STIMER_DIRECT), Rd(EOI), false),
+        (
+            28,
+            Add::Edx(edx3::STIMER_DIRECT),
+            Wr(STIMER0_CONFIG, 0x1000),
+            true,
+        ),
+        (29, Add::None, Rd(EOI), false),
         (30, Add::Eax(eax3::APIC_ACCESS), Wr(EOI, 1), true),
         (31, Add::None, Rd(TSC_FREQUENCY), false),
         (32, Add::Eax(eax3::FREQUENCY_MSRS), Rd(TSC_FREQUENCY), true),
