@@ -467,7 +467,14 @@ fn spawn_client(shared: &Arc<Shared>, mut stream: Stream) -> Result<(), ServerEr
         return Ok(());
     }
     let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
-    let control = stream.try_clone().map_err(ServerError::Thread)?;
+    let control = match stream.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("qmp: dropping a client: cannot duplicate its socket: {e}");
+            stream.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    };
     let client_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("qmp-client-{id}"))

@@ -261,9 +261,17 @@ impl Session {
         (line, self.pending_after.take())
     }
 
-    /// Runs the handler's [`QmpHandler::after_reply`] for `command`.
+    /// Runs the handler's [`QmpHandler::after_reply`] for `command` (a panic in it is logged
+    /// and otherwise ignored).
     pub fn after_reply(&self, command: &str) {
-        self.dispatcher.handler.after_reply(command);
+        let handler = &self.dispatcher.handler;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler.after_reply(command)
+        }))
+        .is_err()
+        {
+            tracing::error!(command, "qmp: after_reply handler panicked");
+        }
     }
 
     /// Handles one parsed request and returns the reply line (with `\r\n`).
@@ -333,7 +341,17 @@ impl Session {
             )),
             "query-version" => Ok(json!(VersionInfo::current())),
             _ => {
-                let ret = self.dispatcher.handler.execute(command, args)?;
+                // A panicking handler must not take the connection (or its threads) down.
+                let handler = &self.dispatcher.handler;
+                let ret = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    handler.execute(command, args)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!(command, "qmp: command handler panicked");
+                    Err(QmpError::generic(format!(
+                        "internal error: command '{command}' failed unexpectedly"
+                    )))
+                })?;
                 self.pending_after = Some(command.to_string());
                 Ok(ret)
             }
@@ -393,6 +411,7 @@ mod tests {
                     .optional_arg("a", ArgType::Array)
                     .optional_arg("f", ArgType::Number),
                 CommandSpec::new("fail"),
+                CommandSpec::new("boom"),
                 CommandSpec::new("query-version"), // ignored: built-in
             ]
         }
@@ -401,6 +420,7 @@ mod tests {
                 "stop" => Ok(empty_return()),
                 "echo" => Ok(Value::Object(args.clone())),
                 "fail" => Err(QmpError::generic("it failed")),
+                "boom" => panic!("handler bug"),
                 other => Err(QmpError::command_not_found(other)),
             }
         }
@@ -565,6 +585,13 @@ mod tests {
             ),
             (r#"{"execute":"fail"}"#, err("GenericError", "it failed")),
             (
+                r#"{"execute":"boom"}"#,
+                err(
+                    "GenericError",
+                    "internal error: command 'boom' failed unexpectedly",
+                ),
+            ),
+            (
                 r#"{"execute":"stop","arguments":{"x":1}}"#,
                 err("GenericError", "Parameter 'x' is unexpected"),
             ),
@@ -626,7 +653,7 @@ mod tests {
                 r#"{"execute":"query-commands"}"#,
                 json!({"return": [{"name": "qmp_capabilities"}, {"name": "query-commands"},
                        {"name": "query-version"}, {"name": "stop"}, {"name": "echo"},
-                       {"name": "fail"}]}),
+                       {"name": "fail"}, {"name": "boom"}]}),
             ),
             (
                 r#"{"execute":"query-version","arguments":{"x":1}}"#,
