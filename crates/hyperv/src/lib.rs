@@ -32,6 +32,8 @@ pub mod testing;
 pub mod vapic;
 
 #[cfg(test)]
+mod synic_tests;
+#[cfg(test)]
 mod tests;
 
 pub use connections::{ConnectionError, EventConnection, MessageConnection};

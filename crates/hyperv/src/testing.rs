@@ -25,6 +25,8 @@ pub struct Record {
     pub apic: Vec<(VpId, u32, Option<u64>)>,
     /// (vp, page) PV-EOI page changes.
     pub pv_eoi: Vec<(VpId, Option<u64>)>,
+    /// (vp, SINT mask) acknowledgements.
+    pub sint_acks: Vec<(VpId, u16)>,
 }
 
 struct Inner {
@@ -193,6 +195,10 @@ impl Platform for FakePlatform {
 
     fn pv_eoi_page_changed(&self, vp: VpId, gpa: Option<u64>) {
         self.lock().record.pv_eoi.push((vp, gpa));
+    }
+
+    fn sint_acked(&self, vp: VpId, sints: u16) {
+        self.lock().record.sint_acks.push((vp, sints));
     }
 
     fn guest_tsc(&self, vp: VpId) -> u64 {
