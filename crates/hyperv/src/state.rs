@@ -66,7 +66,8 @@ pub struct VpState {
     /// VP_INDEX.
     pub vp_index: u32,
     /// Added to the thread's CPU time (100 ns units) to form VP_RUNTIME; set so that VP_RUNTIME restarts at 0 on
-    /// reset and continues across migration.
+    /// reset. In a saved [`EngineState`] it holds the VP_RUNTIME value at save time, so that VP_RUNTIME continues
+    /// across migration.
     pub runtime_offset: i64,
     /// VP_ASSIST_PAGE, as stored.
     pub vp_assist_page: u64,

@@ -1,8 +1,10 @@
 //! SynIC: registers (SCONTROL, SVERSION, SIEFP, SIMP, EOM, SINT0..15), SINT delivery, message posting with the
 //! pending/EOM protocol, event flags, and acknowledgement processing.
 //!
-//! Semantics follow KVM for a SynIC that QEMU activated with SYNIC2 (pages are not zeroed on enable), plus QEMU's
-//! userspace rules where QEMU owns the behaviour (event flags need SCONTROL and SIEFP enabled):
+//! Semantics follow KVM for a SynIC that QEMU activated with SYNIC2, plus QEMU's userspace rules where QEMU owns
+//! the behaviour (event flags need SCONTROL and SIEFP enabled):
+//! - enabling SIMP/SIEFP at a new page zeroes that page (what the guest sees under QEMU, whose zeroed overlay
+//!   page appears there); a page outside RAM is accepted and simply never written;
 //! - a SINT write with vector < 16 #GPs only while the SINT is unmasked; every other value is stored;
 //! - raising a SINT does not look at SCONTROL; a masked SINT raises nothing;
 //! - a message goes to slot `sint` of the SIMP page; a busy slot gets `msg_pending` set and the post fails with
@@ -192,8 +194,24 @@ pub(crate) fn write<P: Platform>(
     match index {
         msr::SCONTROL => s.scontrol = value,
         msr::SVERSION => return Err(Gp),
-        msr::SIEFP => s.siefp = value,
-        msr::SIMP => s.simp = value,
+        msr::SIEFP | msr::SIMP => {
+            let old = if index == msr::SIEFP { s.siefp } else { s.simp };
+            let moved = old & 1 == 0 || (old ^ value) & !PAGE_OFFSET_MASK != 0;
+            if value & 1 != 0 && moved {
+                // QEMU shows a fresh (zeroed) overlay page where the guest enables SIMP/SIEFP; without overlays
+                // the engine zeroes the page instead. Outside RAM nothing is written and, as with SYNIC2, the
+                // write still succeeds.
+                let gpa = value & !PAGE_OFFSET_MASK;
+                if platform.write_gpa(gpa, &[0u8; 4096]).is_ok() {
+                    platform.mark_dirty(gpa, 4096);
+                }
+            }
+            if index == msr::SIEFP {
+                s.siefp = value;
+            } else {
+                s.simp = value;
+            }
+        }
         msr::EOM => {
             ack(platform, id, vp, 0xFFFF, now);
             return Ok(());

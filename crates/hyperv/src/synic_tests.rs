@@ -345,3 +345,23 @@ fn restore_rearms_absolute_deadlines_and_reset_cancels() {
     assert!(dst.platform().record().timers.is_empty());
     assert_eq!(dst.read_msr(VP0, STIMER0_CONFIG), Ok(0));
 }
+
+#[test]
+fn enabling_simp_or_siefp_at_a_new_page_zeroes_it() {
+    let e = engine();
+    for (msr, gpa) in [(SIMP, SIMP_GPA), (SIEFP, SIEFP_GPA)] {
+        e.platform().poke(gpa, &[0xEE; 4096]).ok();
+        wr(&e, msr, gpa); // disabled: untouched
+        assert_eq!(e.platform().peek(gpa, 1), Some(vec![0xEE]));
+        wr(&e, msr, gpa | 1);
+        assert_eq!(e.platform().peek(gpa, 4096), Some(vec![0; 4096]));
+        assert!(e.platform().record().dirty.contains(&(gpa, 4096)));
+        // Rewriting the same enabled page keeps its contents (pending messages survive).
+        e.platform().poke(gpa, &[0x11; 8]).ok();
+        wr(&e, msr, gpa | 1);
+        assert_eq!(e.platform().peek(gpa, 1), Some(vec![0x11]));
+        // Outside RAM: accepted, nothing written.
+        wr(&e, msr, HOLE.0 | 1);
+        assert_eq!(rd(&e, msr), HOLE.0 | 1);
+    }
+}
