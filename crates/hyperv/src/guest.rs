@@ -140,7 +140,7 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// A configuration for `vp_count` vCPUs with VP index = vCPU index, SynIC activated exactly when the guest
-    /// CPUID advertises it (3.EAX[2], as QEMU does for hv-synic), and the default APIC frequency.
+    /// CPUID advertises it (3.EAX bit 2, as QEMU does for hv-synic), and the default APIC frequency.
     pub fn new(cpuid: HvCpuid, enforce_cpuid: bool, vp_count: u32) -> EngineConfig {
         EngineConfig {
             cpuid,

@@ -7,7 +7,9 @@
 //!
 //! Entry points (all on [`Engine`]): [`Engine::new`], [`Engine::read_msr`] / [`Engine::write_msr`],
 //! [`Engine::hypercall`] (from the hypercall page's port exit, see [`hcpage`]), [`Engine::reference_time`],
-//! [`Engine::timer_expired`], [`Engine::run_vp_work`], [`Engine::reset`], [`Engine::save`] / [`Engine::restore`].
+//! [`Engine::timer_expired`], [`Engine::run_vp_work`], [`Engine::reset`], [`Engine::save`] / [`Engine::restore`],
+//! and for devices and the APIC model [`Engine::raise_sint`], [`Engine::post_message`],
+//! [`Engine::signal_event_flag`], [`Engine::apic_eoi`], [`Engine::is_auto_eoi_vector`].
 //! `docs/embedding.md` walks through an integration.
 //!
 //! Configuration (`-cpu` parsing with QEMU's rules) lives in [`config`]; the CPUID builder in [`cpuid`]; the
