@@ -103,6 +103,18 @@ impl<P: Platform> Engine<P> {
             .map(|i| VpId(i as u32))
     }
 
+    /// Whether a crash report carries Hyper-V crash information: QEMU attaches `arg1..arg5` to GUEST_PANICKED only
+    /// when hv-crash is on (guest CPUID 3.EDX bit 10). CRASH_CTL works without it (KVM), so the VMM asks here.
+    pub fn crash_info_available(&self) -> bool {
+        self.config.cpuid.features_edx & crate::guest::edx3::CRASH_MSRS != 0
+    }
+
+    /// Whether the guest enabled re-enlightenment notifications (REENLIGHTENMENT_CONTROL bit 16), for QEMU's
+    /// migration rule that then requires `tsc-frequency=`.
+    pub fn reenlightenment_enabled(&self) -> bool {
+        tlfs::msr::ReenlightenmentControl::from_bits(self.part().reenlightenment_control).enable()
+    }
+
     /// Partition reference time (TIME_REF_COUNT, 100 ns units) as seen by VP `vp`, from its guest TSC. Uses the
     /// TSC page's parameters when the page is valid, so page ≤ MSR ≤ page holds.
     pub fn reference_time(&self, vp: VpId) -> u64 {

@@ -1315,3 +1315,15 @@ fn save_restore_roundtrip() {
     );
     assert!(serde_json::from_str::<EngineState>("{\"version\":1}").is_err());
 }
+
+#[test]
+fn crash_info_and_reenlightenment_queries() {
+    let e = all();
+    assert!(e.crash_info_available());
+    assert!(!make(cpuid_min(), false, true).crash_info_available());
+    assert!(!e.reenlightenment_enabled());
+    assert_eq!(wr(&e, REENLIGHTENMENT_CONTROL, 0xFF), Ok(()));
+    assert!(!e.reenlightenment_enabled());
+    assert_eq!(wr(&e, REENLIGHTENMENT_CONTROL, (1 << 16) | 0xFF), Ok(()));
+    assert!(e.reenlightenment_enabled());
+}

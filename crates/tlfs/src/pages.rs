@@ -128,3 +128,72 @@ pub const FLUSH_ALL_VIRTUAL_ADDRESS_SPACES: u64 = 1 << 1;
 pub const FLUSH_NON_GLOBAL_MAPPINGS_ONLY: u64 = 1 << 2;
 /// Flush flag: extended GVA range format.
 pub const FLUSH_USE_EXTENDED_RANGE_FORMAT: u64 = 1 << 3;
+
+/// Header of a sparse VP set (`hv_vpset`), followed by `popcount(valid_bank_mask)` u64 banks; bank *i* covers VPs
+/// 64·i .. 64·i+63 and present banks are packed in ascending order.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct VpSetHeader {
+    /// [`VP_SET_SPARSE_4K`] or [`VP_SET_ALL`].
+    pub format: u64,
+    /// Bit *i*: bank *i* is present.
+    pub valid_bank_mask: u64,
+}
+
+/// HvCallFlushVirtualAddressSpace / List input header (the GVA list follows for the List form).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct FlushInput {
+    /// Address space (CR3) to flush.
+    pub address_space: u64,
+    /// `FLUSH_*` flags.
+    pub flags: u64,
+    /// VPs 0..63.
+    pub processor_mask: u64,
+}
+
+/// HvCallFlushVirtualAddressSpaceEx / ListEx input header (a [`VpSetHeader`] and its banks follow, then the GVA
+/// list for the ListEx form).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct FlushExInput {
+    /// Address space (CR3) to flush.
+    pub address_space: u64,
+    /// `FLUSH_*` flags.
+    pub flags: u64,
+}
+
+/// HvCallSendSyntheticClusterIpi input.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct SendIpiInput {
+    /// Interrupt vector (0x10..=0xFF).
+    pub vector: u32,
+    /// Reserved (must be 0 in the fast form).
+    pub reserved: u32,
+    /// VPs 0..63.
+    pub cpu_mask: u64,
+}
+
+/// HvCallSendSyntheticClusterIpiEx input header (a [`VpSetHeader`] and its banks follow).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct SendIpiExInput {
+    /// Interrupt vector (0x10..=0xFF).
+    pub vector: u32,
+    /// Reserved.
+    pub reserved: u32,
+}
+
+/// GVA list entry: bits 63:12 page, bits 11:0 number of additional pages.
+pub const GVA_ADDITIONAL_PAGES_MASK: u64 = 0xFFF;
