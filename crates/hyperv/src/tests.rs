@@ -1327,3 +1327,55 @@ fn crash_info_and_reenlightenment_queries() {
     assert_eq!(wr(&e, REENLIGHTENMENT_CONTROL, (1 << 16) | 0xFF), Ok(()));
     assert!(e.reenlightenment_enabled());
 }
+
+#[test]
+fn tlfs_layouts() {
+    use std::mem::size_of;
+    use tlfs::pages::*;
+    let sizes = [
+        (size_of::<ReferenceTscPage>(), 24),
+        (size_of::<MessageHeader>(), 16),
+        (size_of::<Message>(), 256),
+        (size_of::<TimerMessagePayload>(), 24),
+        (size_of::<PostMessageInput>(), 256),
+        (size_of::<VpSetHeader>(), 16),
+        (size_of::<FlushInput>(), 24),
+        (size_of::<FlushExInput>(), 16),
+        (size_of::<SendIpiInput>(), 16),
+        (size_of::<SendIpiExInput>(), 8),
+    ];
+    for (i, (got, want)) in sizes.iter().enumerate() {
+        assert_eq!(got, want, "layout {i}");
+    }
+    let c = |f: fn(hc::Control) -> hc::Control| f(hc::Control::new()).into_bits();
+    assert_eq!(c(|c| c.with_code(0xFFFF)), 0xFFFF);
+    assert_eq!(c(|c| c.with_fast(true)), 1 << 16);
+    assert_eq!(c(|c| c.with_var_header_size(0x3FF)), 0x3FF << 17);
+    assert_eq!(c(|c| c.with_nested(true)), 1 << 31);
+    assert_eq!(c(|c| c.with_rep_count(0xFFF)), 0xFFF << 32);
+    assert_eq!(c(|c| c.with_rep_start(0xFFF)), 0xFFF << 48);
+    assert_eq!(HypercallMsr::new().with_gpn(1).into_bits(), 0x1000);
+    assert_eq!(SintMsr::new().with_masked(true).into_bits(), SINT_INITIAL);
+    assert_eq!(SintMsr::new().with_auto_eoi(true).into_bits(), 1 << 17);
+    assert_eq!(StimerConfig::new().with_sintx(0xF).into_bits(), 0xF << 16);
+    assert_eq!(
+        StimerConfig::new().with_apic_vector(0xFF).into_bits(),
+        0xFF << 4
+    );
+    assert_eq!(
+        StimerConfig::new().with_direct_mode(true).into_bits(),
+        1 << 12
+    );
+    assert_eq!(
+        ReenlightenmentControl::new().with_enable(true).into_bits(),
+        1 << 16
+    );
+    assert_eq!(
+        ReenlightenmentControl::new().with_target_vp(1).into_bits(),
+        1 << 32
+    );
+    assert_eq!(
+        hc::SignalEventInput::new().with_flag_number(1).into_bits(),
+        1 << 32
+    );
+}
