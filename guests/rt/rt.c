@@ -812,7 +812,7 @@ void smp_init(void)
     outb(0xA1, 0xFF);
     ap_region_next = (u64)alloc_aligned((u64)(n - 1) * REGION_SIZE, REGION_SIZE);
     memcpy((void *)0, ap_tramp_start, (size_t)(ap_tramp_end - ap_tramp_start));
-    /* Watchdog: a one-shot APIC timer on the wake vector, about 4 s at a 1 GHz APIC clock. */
+    /* Watchdog: a one-shot APIC timer on the wake vector, about 8.6 s at a 1 GHz APIC clock. */
     apic_write(APIC_TDCR, 0x0); /* divide by 2 */
     apic_write(APIC_LVTT, WAKE_VECTOR);
     apic_write(APIC_TMICT, 0xFFFFFFFF);
