@@ -65,6 +65,10 @@ impl<P: Platform> Engine<P> {
     /// Guest RDMSR of a synthetic MSR on VP `vp`. `Err(Gp)` means: inject #GP.
     pub fn read_msr(&self, vp: VpId, index: u32) -> Result<u64, Gp> {
         self.msr_gate(index)?;
+        if vapic::is_apic_register_msr(index) {
+            // Forwarded to the APIC model without holding any engine lock, so that it may call back (EOI → ack).
+            return vapic::apic_register(&self.platform, vp, index, None, self.vp_count());
+        }
         let v = self.vp(vp).ok_or(Gp)?;
         if synic::is_synic_msr(index) {
             if !self.config.synic {
@@ -76,7 +80,7 @@ impl<P: Platform> Engine<P> {
             return stimer::read(&v, index);
         }
         if vapic::is_vapic_msr(index) {
-            return vapic::read(&self.platform, vp, &v, index);
+            return vapic::read(&v, index);
         }
         match index {
             VP_INDEX => return Ok(u64::from(v.vp_index)),
@@ -111,6 +115,10 @@ impl<P: Platform> Engine<P> {
     /// Guest WRMSR of a synthetic MSR on VP `vp`. `Err(Gp)` means: inject #GP (nothing changed).
     pub fn write_msr(&self, vp: VpId, index: u32, value: u64) -> Result<(), Gp> {
         self.msr_gate(index)?;
+        if vapic::is_apic_register_msr(index) {
+            return vapic::apic_register(&self.platform, vp, index, Some(value), self.vp_count())
+                .map(|_| ());
+        }
         let mut v = self.vp(vp).ok_or(Gp)?;
         if synic::is_synic_msr(index) {
             if !self.config.synic {

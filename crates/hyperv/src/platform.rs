@@ -10,7 +10,7 @@
 //!   that names a VP (`read_msr(vp, ..)`, `hypercall(vp, ..)`, `timer_expired(vp, ..)`, `run_vp_work(vp, ..)`) must
 //!   be called **on that VP's own thread**, or while that VP is stopped.
 //! * The engine may call platform methods while holding its internal locks. A platform method must therefore
-//!   **never call back into the engine synchronously**. If the VMM needs to react with an engine call (e.g. an
+//!   **never call back into the engine synchronously** (the single exception is [`Platform::apic_access`]). If the VMM needs to react with an engine call (e.g. an
 //!   interrupt acknowledgement), it queues it and makes it later from the right thread.
 //! * Methods never panic on bad guest input: bad GPAs come back as [`MemError`].
 
@@ -118,6 +118,8 @@ pub trait Platform: Send + Sync {
 
     /// Forwards an x2APIC-style register access (`msr` is the x2APIC MSR number: 0x80B EOI, 0x830 ICR, 0x808 TPR)
     /// to VP `vp`'s local APIC, for the hv-vapic MSRs. `Err(Gp)` means #GP. Default: #GP (no APIC-access support).
+    /// This is the one platform method called **without** any engine lock held: the APIC model may call
+    /// [`crate::Engine::apic_eoi`] from inside it.
     fn apic_access(&self, vp: VpId, msr: u32, access: ApicAccess) -> Result<u64, Gp> {
         let _ = (vp, msr, access);
         Err(Gp)

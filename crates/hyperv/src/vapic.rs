@@ -33,19 +33,41 @@ fn x2apic_reg(index: u32) -> Option<u32> {
     }
 }
 
-pub(crate) fn read<P: Platform>(
-    platform: &P,
-    id: VpId,
-    vp: &VpState,
-    index: u32,
-) -> Result<u64, Gp> {
-    if index == msr::VP_ASSIST_PAGE {
-        return Ok(vp.vp_assist_page);
-    }
-    let reg = x2apic_reg(index).ok_or(Gp)?;
-    platform.apic_access(id, reg, ApicAccess::Read)
+/// Whether `index` is EOI, ICR or TPR (forwarded to the APIC model).
+pub fn is_apic_register_msr(index: u32) -> bool {
+    x2apic_reg(index).is_some()
 }
 
+/// Forwards an EOI/ICR/TPR access of VP `id` to the APIC model (`value` = `Some` for a write). No engine lock is
+/// held, so the APIC model may call back into the engine (e.g. [`crate::Engine::apic_eoi`]).
+pub(crate) fn apic_register<P: Platform>(
+    platform: &P,
+    id: VpId,
+    index: u32,
+    value: Option<u64>,
+    vp_count: usize,
+) -> Result<u64, Gp> {
+    let reg = x2apic_reg(index).ok_or(Gp)?;
+    if id.index() >= vp_count {
+        return Err(Gp);
+    }
+    let access = match value {
+        Some(v) => ApicAccess::Write(v),
+        None => ApicAccess::Read,
+    };
+    platform.apic_access(id, reg, access)
+}
+
+/// VP_ASSIST_PAGE read.
+pub(crate) fn read(vp: &VpState, index: u32) -> Result<u64, Gp> {
+    if index == msr::VP_ASSIST_PAGE {
+        Ok(vp.vp_assist_page)
+    } else {
+        Err(Gp)
+    }
+}
+
+/// VP_ASSIST_PAGE write: enabling requires RAM at the page and zeroes its first u32 (KVM).
 pub(crate) fn write<P: Platform>(
     platform: &P,
     id: VpId,
@@ -53,25 +75,22 @@ pub(crate) fn write<P: Platform>(
     index: u32,
     value: u64,
 ) -> Result<(), Gp> {
-    if index == msr::VP_ASSIST_PAGE {
-        let page = msr::VpAssistPageMsr::from_bits(value);
-        if page.enable() {
-            let gpa = value & !PAGE_OFFSET_MASK;
-            let addr = gpa + VP_ASSIST_APIC_ASSIST_OFFSET;
-            platform
-                .write_gpa(addr, &0u32.to_le_bytes())
-                .map_err(|_| Gp)?;
-            platform.mark_dirty(addr, 4);
-            vp.vp_assist_page = value;
-            platform.pv_eoi_page_changed(id, Some(gpa));
-        } else {
-            vp.vp_assist_page = value;
-            platform.pv_eoi_page_changed(id, None);
-        }
-        return Ok(());
+    if index != msr::VP_ASSIST_PAGE {
+        return Err(Gp);
     }
-    let reg = x2apic_reg(index).ok_or(Gp)?;
-    platform
-        .apic_access(id, reg, ApicAccess::Write(value))
-        .map(|_| ())
+    let page = msr::VpAssistPageMsr::from_bits(value);
+    if page.enable() {
+        let gpa = value & !PAGE_OFFSET_MASK;
+        let addr = gpa + VP_ASSIST_APIC_ASSIST_OFFSET;
+        platform
+            .write_gpa(addr, &0u32.to_le_bytes())
+            .map_err(|_| Gp)?;
+        platform.mark_dirty(addr, 4);
+        vp.vp_assist_page = value;
+        platform.pv_eoi_page_changed(id, Some(gpa));
+    } else {
+        vp.vp_assist_page = value;
+        platform.pv_eoi_page_changed(id, None);
+    }
+    Ok(())
 }
