@@ -1,7 +1,7 @@
 /*
  * Inter-processor interrupts through the local APIC: fixed IPIs between every pair of vCPUs (each received
  * exactly once), the all-excluding-self, all-including-self and self shorthands, logical destinations and
- * NMI. Arguments: mode=xapic|x2apic. Run with -smp 2 or more.
+ * lowest-priority delivery and NMI. Arguments: mode=xapic|x2apic. Run with -smp 2 or more.
  */
 #include "rt.h"
 
@@ -11,9 +11,10 @@
 #define VEC_ALLINC 0xA1
 #define VEC_SELF 0xA2
 #define VEC_LOGICAL 0xA3
+#define VEC_LOWEST 0xA4
 
 static volatile u32 got[MAXN][MAXN]; /* [receiver][sender] */
-static volatile u32 got_allbut[MAXN], got_allinc[MAXN], got_self[MAXN], got_logical[MAXN], got_nmi[MAXN];
+static volatile u32 got_allbut[MAXN], got_allinc[MAXN], got_self[MAXN], got_logical[MAXN], got_nmi[MAXN], got_lowest[MAXN];
 static u32 n;
 
 static void pair_handler(struct regs *r)
@@ -30,6 +31,7 @@ static void counter_handler(struct regs *r)
     case VEC_ALLINC: atomic_inc(&got_allinc[me]); break;
     case VEC_SELF: atomic_inc(&got_self[me]); break;
     case VEC_LOGICAL: atomic_inc(&got_logical[me]); break;
+    case VEC_LOWEST: atomic_inc(&got_lowest[me]); break;
     }
     apic_eoi();
 }
@@ -104,6 +106,7 @@ static u32 t_allinc(void) { return sum(got_allinc); }
 static u32 t_self(void) { return sum(got_self); }
 static u32 t_logical(void) { return sum(got_logical); }
 static u32 t_nmi(void) { return sum(got_nmi); }
+static u32 t_lowest(void) { return sum(got_lowest); }
 
 int main(void)
 {
@@ -116,7 +119,7 @@ int main(void)
     const char *mode = apic_mode() == APIC_X2APIC ? "x2APIC" : "xAPIC";
     for (u32 i = 0; i < n; i++)
         set_irq_handler((u8)(VEC_PAIR + i), pair_handler);
-    for (u32 v = VEC_ALLBUT; v <= VEC_LOGICAL; v++)
+    for (u32 v = VEC_ALLBUT; v <= VEC_LOWEST; v++)
         set_irq_handler((u8)v, counter_handler);
     set_irq_handler(2, nmi_handler);
 
@@ -176,6 +179,14 @@ int main(void)
         for (u32 i = 0; i < n; i++)
             ok &= got_logical[i] == (i & 1);
         report(ok, "%s: logical destination %x reaches exactly the odd vCPUs", mode, dest);
+
+        /* 5b. lowest priority to the same set: exactly one of them takes it */
+        apic_icr_write(dest, APIC_INT_ASSERT | (1u << 11) | 0x100 | VEC_LOWEST);
+        wait_for(t_lowest, 1);
+        ok = t_lowest() == 1;
+        for (u32 i = 0; i < n; i += 2)
+            ok &= got_lowest[i] == 0;
+        report(ok, "%s: lowest-priority IPI to logical %x taken by exactly one of them", mode, dest);
     } else {
         report_skip("logical destination test needs at most 8 vCPUs");
     }
