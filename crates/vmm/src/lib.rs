@@ -1,4 +1,22 @@
 //! The enlighten VMM: KVM glue, vCPU threads, the userspace local APIC, devices, loaders.
 
 pub mod apic;
+pub mod boot;
+pub mod cpu;
+pub mod devices;
+pub mod diag;
 pub mod host;
+pub mod kick;
+pub mod layout;
+pub mod loader;
+pub mod machine;
+pub mod timer;
+mod vcpu;
+
+pub use boot::{BootEntry, EntryMode};
+pub use layout::{parse_mem_size, MemoryLayout, RamRegion};
+pub use machine::{
+    BootLoader, IoAction, IoDevices, Machine, MsrHook, Outcome, Paused, PortHook, VcpuRequest,
+    VmConfig, VmError, VmHandle,
+};
+pub use vcpu::{HV_MSR_FIRST, HV_MSR_LAST, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};

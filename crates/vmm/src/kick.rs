@@ -1,0 +1,94 @@
+//! Kicking a vCPU thread out of `KVM_RUN`: set `kvm_run.immediate_exit` and send it a signal.
+//!
+//! The vCPU thread publishes a pointer to its `immediate_exit` byte while its `VcpuFd` is alive. A kicker
+//! stores 1 there and sends [`kick_signal`] to the thread: if the thread is inside `KVM_RUN` the signal makes
+//! it return with EINTR; if it is about to enter, `immediate_exit` makes `KVM_RUN` return at once; if it is in
+//! userspace, it sees the work the kicker queued (under the vCPU's lock) before its next entry. The vCPU thread
+//! clears `immediate_exit` right after `KVM_RUN` returns, before it looks for work, so no kick is lost.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, Once};
+
+use libc::{c_int, c_void, siginfo_t};
+
+/// The signal used for kicks (SIGRTMIN + 1; SIGRTMIN itself is left to others).
+pub fn kick_signal() -> c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick_signal(_: c_int, _: *mut siginfo_t, _: *mut c_void) {}
+
+static INSTALL: Once = Once::new();
+
+/// Installs the (empty) kick signal handler once per process. Without a handler the signal would kill it.
+pub fn install_kick_handler() -> Result<(), String> {
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal)
+            .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
+    });
+    result
+}
+
+/// Where to kick one vCPU thread.
+#[derive(Debug)]
+struct Target {
+    thread: libc::pthread_t,
+    immediate_exit: *const AtomicU8,
+}
+
+/// The kick endpoint of one vCPU.
+#[derive(Debug, Default)]
+pub struct Kicker {
+    target: Mutex<Option<Target>>,
+}
+
+// SAFETY: `Target::immediate_exit` points into the vCPU's mmapped `kvm_run`, which stays mapped for as long as
+// the target is published (the vCPU thread unpublishes it before dropping its `VcpuFd`), and it is only
+// accessed atomically; `pthread_t` is a plain thread id.
+unsafe impl Send for Kicker {}
+// SAFETY: see above; all access goes through the mutex and atomics.
+unsafe impl Sync for Kicker {}
+
+impl Kicker {
+    /// Publishes the calling thread as the target, with its `kvm_run.immediate_exit` byte.
+    ///
+    /// # Safety
+    /// `immediate_exit` must stay valid until [`Kicker::unpublish`] is called.
+    pub unsafe fn publish(&self, immediate_exit: *mut u8) {
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        let mut t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        *t = Some(Target {
+            thread,
+            immediate_exit: immediate_exit as *const AtomicU8,
+        });
+    }
+
+    /// Withdraws the target (before the `VcpuFd` is dropped).
+    pub fn unpublish(&self) {
+        let mut t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        *t = None;
+    }
+
+    /// Sets the target's `immediate_exit` to `value` (used by the vCPU thread itself too).
+    pub fn set_immediate_exit(&self, value: u8) {
+        let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = t.as_ref() {
+            // SAFETY: the pointer is valid while published (see `publish`) and `AtomicU8` has the layout of u8.
+            unsafe { (*t.immediate_exit).store(value, Ordering::SeqCst) };
+        }
+    }
+
+    /// Kicks the target out of `KVM_RUN` (no-op when nothing is published).
+    pub fn kick(&self) {
+        let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = t.as_ref() {
+            // SAFETY: as in `set_immediate_exit`.
+            unsafe { (*t.immediate_exit).store(1, Ordering::SeqCst) };
+            // SAFETY: the thread id was published by a live thread that unpublishes before exiting (the lock
+            // is held, so it cannot exit in between); the signal has a handler installed.
+            unsafe { libc::pthread_kill(t.thread, kick_signal()) };
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! The KVM machine: guest RAM, vCPU threads, the userspace local APICs, interrupt routing and injection, the
+//! timer thread, the pause/kick rendezvous, reset and shutdown.
+//!
+//! Threads: one per vCPU (it owns its `VcpuFd` and runs `KVM_RUN`), one timer thread (fires APIC timers at
+//! host deadlines), and the caller's thread, which runs [`Machine::run`]: it receives [`VmEvent`]s from the
+//! vCPUs and performs VM-wide operations (reset, stop) with the rendezvous. Lock order: a vCPU's state lock may
+//! be held while taking the timer-queue lock; never hold two vCPU state locks at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use hyperv::cpuid::CpuidEntry;
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::apic::{ApicConfig, DeliveryMode, Gp, Ipi, LocalApic};
+use crate::boot::{self, BootEntry};
+use crate::cpu;
+use crate::kick::{self, Kicker};
+use crate::layout::MemoryLayout;
+use crate::timer::{self, host_tsc, Clock, TimerQueue};
+use crate::vcpu;
+
+/// What a device asks the machine to do after an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoAction {
+    /// Nothing.
+    #[default]
+    None,
+    /// End the process with this exit status (isa-debug-exit: `(value << 1) | 1`).
+    Exit(i32),
+    /// Power off (Bochs/QEMU shutdown port): exit status 0.
+    PowerOff,
+    /// Reset the VM (as a guest-requested reset; with `--no-reboot` it stops the VM).
+    Reset,
+}
+
+/// The devices of the machine, as the vCPU threads see them. Unhandled ports and MMIO addresses should read
+/// as all-ones and drop writes.
+pub trait IoDevices: Send + Sync {
+    /// Port read of `data.len()` bytes.
+    fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]);
+    /// Port write.
+    fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> IoAction;
+    /// MMIO read outside RAM and the local APIC page.
+    fn mmio_read(&self, _vcpu: usize, _addr: u64, data: &mut [u8]) {
+        data.fill(0xFF);
+    }
+    /// MMIO write outside RAM and the local APIC page.
+    fn mmio_write(&self, _vcpu: usize, _addr: u64, _data: &[u8]) -> IoAction {
+        IoAction::None
+    }
+    /// The VM is being reset (called with every vCPU paused).
+    fn reset(&self) {}
+}
+
+/// Loads the guest kernel into RAM; called at start and again on every reset (after RAM was cleared).
+pub trait BootLoader: Send + Sync {
+    /// Loads the kernel and returns the BSP's entry.
+    fn load(&self, mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<BootEntry, String>;
+}
+
+/// A handler for MSRs the VMM itself does not implement (the Hyper-V range 0x40000000..=0x400001FF goes here
+/// first). Return `None` for "not mine": the MSR then raises #GP.
+pub trait MsrHook: Send + Sync {
+    /// RDMSR.
+    fn rdmsr(&self, vcpu: usize, msr: u32) -> Option<Result<u64, Gp>>;
+    /// WRMSR.
+    fn wrmsr(&self, vcpu: usize, msr: u32, value: u64) -> Option<Result<(), Gp>>;
+}
+
+/// A private I/O port handler that needs the vCPU's registers (the Hyper-V hypercall port). Consulted before
+/// the devices.
+pub trait PortHook: Send + Sync {
+    /// Whether `port` belongs to this hook.
+    fn handles(&self, port: u16) -> bool;
+    /// A port write; `regs` are the vCPU's general-purpose registers, which the hook may change (return true
+    /// if it did).
+    fn pio_write(&self, vcpu: usize, port: u16, data: &[u8], regs: &mut kvm_regs) -> bool;
+}
+
+/// Static configuration of a machine.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// RAM size in bytes.
+    pub ram_size: u64,
+    /// Number of vCPUs (APIC IDs 0..n, vCPU 0 is the BSP).
+    pub vcpus: u32,
+    /// `--no-reboot`: a triple fault or guest reset stops the VM (exit status 0) instead of resetting it.
+    pub no_reboot: bool,
+    /// The CPUID table before the per-vCPU patches (APIC IDs); `None` uses KVM's supported CPUID.
+    pub cpuid: Option<Vec<CpuidEntry>>,
+    /// Whether the guest may use x2APIC mode (CPUID.1:ECX[21]).
+    pub x2apic: bool,
+    /// The APIC timer's input clock in Hz (what HV_X64_MSR_APIC_FREQUENCY reports).
+    pub apic_bus_hz: u64,
+    /// Handler for otherwise unhandled MSRs (the Hyper-V engine).
+    pub msr_hook: Option<Arc<dyn MsrHook>>,
+    /// Handler for private ports (the Hyper-V hypercall port).
+    pub port_hook: Option<Arc<dyn PortHook>>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("ram_size", &self.ram_size)
+            .field("vcpus", &self.vcpus)
+            .field("no_reboot", &self.no_reboot)
+            .field("cpuid_entries", &self.cpuid.as_ref().map(Vec::len))
+            .field("x2apic", &self.x2apic)
+            .field("apic_bus_hz", &self.apic_bus_hz)
+            .field("msr_hook", &self.msr_hook.is_some())
+            .field("port_hook", &self.port_hook.is_some())
+            .finish()
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            ram_size: crate::layout::DEFAULT_RAM_SIZE,
+            vcpus: 1,
+            no_reboot: false,
+            cpuid: None,
+            x2apic: true,
+            apic_bus_hz: 1_000_000_000,
+            msr_hook: None,
+            port_hook: None,
+        }
+    }
+}
+
+/// Largest vCPU count accepted (xAPIC physical IDs are 8 bits and 0xFF is the broadcast ID).
+pub const MAX_VCPUS: u32 = 255;
+
+/// Errors creating or running the machine.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot open KVM: {0}")]
+    Kvm(String),
+    #[error("this host's KVM lacks {0}")]
+    MissingCapability(&'static str),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("KVM setup failed ({what}): {err}")]
+    Setup { what: &'static str, err: String },
+    #[error("cannot allocate guest RAM: {0}")]
+    Memory(String),
+    #[error("{0}")]
+    Load(String),
+}
+
+fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> VmError {
+    move |e| VmError::Setup {
+        what,
+        err: e.to_string(),
+    }
+}
+
+/// How the machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A device asked for this process exit status (isa-debug-exit).
+    Exit(i32),
+    /// The guest powered off (exit status 0).
+    PowerOff,
+    /// A triple fault or reset with `--no-reboot` (exit status 0; the warning was printed).
+    Stopped,
+    /// A fatal error (message without the `error: ` prefix); exit status non-zero.
+    Error(String),
+    /// [`VmHandle::stop`] was called.
+    Cancelled,
+}
+
+/// Events from the vCPU threads to the thread running [`Machine::run`].
+#[derive(Debug)]
+pub(crate) enum VmEvent {
+    Io(IoAction),
+    TripleFault { vcpu: usize, dump: String },
+    Fatal(String),
+    Deadlock,
+}
+
+/// The run state of a vCPU, owned by the VMM (no in-kernel irqchip, so no KVM mp state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunState {
+    /// Runs guest code.
+    Runnable,
+    /// Executed HLT; `if_flag` is RFLAGS.IF at that point.
+    Halted { if_flag: bool },
+    /// Waits for a SIPI (APs at power-on and after INIT).
+    WaitForSipi,
+    /// Stopped after a triple fault, until a reset.
+    Stopped,
+}
+
+/// Work a vCPU does on itself when it next runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuRequest {
+    /// Power-on reset: the BSP enters `entry` (when given), APs wait for a SIPI.
+    Reset { entry: Option<BootEntry> },
+}
+
+/// Mutable per-vCPU state shared between the vCPU thread and the others.
+pub(crate) struct VcpuState {
+    pub apic: LocalApic,
+    pub run: RunState,
+    /// An NMI taken from the APIC and not yet injected.
+    pub nmi: bool,
+    /// Outstanding pause requests.
+    pub pause: u32,
+    /// The vCPU is parked at the rendezvous (all exits completed).
+    pub parked: bool,
+    /// The vCPU thread has ended.
+    pub exited: bool,
+    pub requests: Vec<VcpuRequest>,
+    /// Guest TSC = host TSC + `tsc_offset` (wrapping).
+    pub tsc_offset: u64,
+    /// IA32_TSC_ADJUST.
+    pub tsc_adjust: u64,
+    /// Number of KVM exits handled (for tests and statistics).
+    pub exits: u64,
+}
+
+impl VcpuState {
+    /// Whether the vCPU can never run again on its own: only another vCPU could wake it.
+    fn is_stuck(&self) -> bool {
+        if self.exited {
+            return true;
+        }
+        if self.pause > 0 || !self.requests.is_empty() || self.nmi {
+            return false;
+        }
+        match self.run {
+            RunState::Runnable => false,
+            RunState::Halted { if_flag: true } => false,
+            // A halted vCPU with IF=0 wakes only for NMI or INIT; wait-for-SIPI only for INIT/SIPI. Any of
+            // these latched means it is not stuck.
+            RunState::Halted { if_flag: false } => {
+                !(self.apic.nmi_latched() || self.apic.init_latched())
+            }
+            RunState::WaitForSipi => {
+                !(self.apic.init_latched() || self.apic.sipi_latched().is_some())
+            }
+            RunState::Stopped => true,
+        }
+    }
+}
+
+/// The shared half of one vCPU.
+pub(crate) struct VcpuShared {
+    pub state: Mutex<VcpuState>,
+    /// The vCPU thread waits on this (halted, wait-for-SIPI, parked).
+    pub wake: Condvar,
+    /// Pausers wait on this for the vCPU to park.
+    pub parked_cv: Condvar,
+    pub kicker: Kicker,
+}
+
+impl VcpuShared {
+    pub fn lock(&self) -> MutexGuard<'_, VcpuState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the vCPU thread wherever it is: sleeping (condition variable) or in `KVM_RUN` (kick).
+    pub fn wake_up(&self) {
+        self.wake.notify_all();
+        self.kicker.kick();
+    }
+}
+
+/// State shared by all threads of one machine.
+pub(crate) struct VmShared {
+    /// The VM; kept open as long as any thread of the machine runs.
+    pub _vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub layout: MemoryLayout,
+    pub vcpus: Vec<VcpuShared>,
+    pub clock: Clock,
+    pub timers: TimerQueue,
+    pub events: Mutex<Sender<VmEvent>>,
+    pub stop: AtomicBool,
+    pub devices: Arc<dyn IoDevices>,
+    pub msr_hook: Option<Arc<dyn MsrHook>>,
+    pub port_hook: Option<Arc<dyn PortHook>>,
+    pub apic_cfg: ApicConfig,
+    /// Whether `KVM_VCPU_TSC_OFFSET` works (otherwise TSC writes go through KVM_SET_MSRS).
+    pub tsc_offset_attr: bool,
+    /// One rendezvous at a time.
+    pub rendezvous: Mutex<()>,
+}
+
+impl VmShared {
+    pub fn send(&self, ev: VmEvent) {
+        let tx = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        // The receiver only disappears when the machine is being torn down; nothing to do then.
+        let _ = tx.send(ev);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The guest TSC of a vCPU whose state is locked.
+    pub fn guest_tsc(&self, st: &VcpuState) -> u64 {
+        host_tsc().wrapping_add(st.tsc_offset)
+    }
+
+    /// Routes an IPI from a vCPU's APIC to every matching APIC and wakes the receivers.
+    pub fn route_ipi(&self, ipi: &Ipi) {
+        if ipi.delivery_mode == DeliveryMode::LowestPriority {
+            // Deliver to the matching APIC with the lowest APIC ID.
+            let mut best: Option<(u32, usize)> = None;
+            for (i, v) in self.vcpus.iter().enumerate() {
+                let st = v.lock();
+                if st.apic.matches_destination(&ipi.dest, ipi.source_id) {
+                    let id = st.apic.id();
+                    if best.is_none_or(|(b, _)| id < b) {
+                        best = Some((id, i));
+                    }
+                }
+            }
+            if let Some((_, i)) = best {
+                let v = &self.vcpus[i];
+                let accepted = v.lock().apic.deliver(ipi);
+                if accepted {
+                    v.wake_up();
+                }
+            }
+            return;
+        }
+        for v in &self.vcpus {
+            let accepted = {
+                let mut st = v.lock();
+                st.apic.matches_destination(&ipi.dest, ipi.source_id) && st.apic.deliver(ipi)
+            };
+            if accepted {
+                v.wake_up();
+            }
+        }
+    }
+
+    /// Whether every vCPU is stuck (see [`VcpuState::is_stuck`]); checks one vCPU at a time.
+    pub fn all_stuck(&self) -> bool {
+        self.vcpus.iter().all(|v| v.lock().is_stuck())
+    }
+
+    /// Stops every thread of the machine.
+    pub fn stop_all(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for v in &self.vcpus {
+            let _st = v.lock();
+            v.wake_up();
+        }
+        self.timers.notify();
+    }
+}
+
+/// A handle to a running machine, usable from any thread.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<VmShared>,
+}
+
+/// vCPUs paused by [`VmHandle::pause`]; resumed when dropped.
+pub struct Paused {
+    shared: Arc<VmShared>,
+    which: Vec<usize>,
+}
+
+impl Paused {
+    /// The paused vCPUs.
+    pub fn vcpus(&self) -> &[usize] {
+        &self.which
+    }
+
+    /// Queues `req` for vCPU `i` (executed when it resumes, before it runs guest code).
+    pub fn post(&self, i: usize, req: VcpuRequest) {
+        if let Some(v) = self.shared.vcpus.get(i) {
+            v.lock().requests.push(req);
+        }
+    }
+
+    /// Number of KVM exits vCPU `i` has handled so far.
+    pub fn exit_count(&self, i: usize) -> Option<u64> {
+        self.shared.vcpus.get(i).map(|v| v.lock().exits)
+    }
+
+    /// Resumes the vCPUs (same as dropping).
+    pub fn resume(self) {}
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        for &i in &self.which {
+            let v = &self.shared.vcpus[i];
+            let mut st = v.lock();
+            st.pause = st.pause.saturating_sub(1);
+            v.wake.notify_all();
+        }
+    }
+}
+
+impl VmHandle {
+    /// Stops `which` vCPUs at a consistent point: each completes its pending I/O or MSR exit (re-entering
+    /// `KVM_RUN` with `immediate_exit`) and parks. Returns when all are parked (or have ended). Not for use
+    /// from a vCPU thread.
+    pub fn pause(&self, which: &[usize]) -> Paused {
+        let _one_at_a_time = self
+            .shared
+            .rendezvous
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let which: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| i < self.shared.vcpus.len())
+            .collect();
+        for &i in &which {
+            let v = &self.shared.vcpus[i];
+            v.lock().pause += 1;
+            v.wake_up();
+        }
+        for &i in &which {
+            let v = &self.shared.vcpus[i];
+            let mut st = v.lock();
+            while !st.parked && !st.exited && !self.shared.stopping() {
+                st = v.parked_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        Paused {
+            shared: self.shared.clone(),
+            which,
+        }
+    }
+
+    /// Pauses every vCPU.
+    pub fn pause_all(&self) -> Paused {
+        let all: Vec<usize> = (0..self.shared.vcpus.len()).collect();
+        self.pause(&all)
+    }
+
+    /// Asks the machine to stop; [`Machine::run`] returns [`Outcome::Cancelled`].
+    pub fn stop(&self) {
+        self.shared.stop_all();
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.shared.mem
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.shared.vcpus.len()
+    }
+
+    /// Whether vCPU `i` is parked right now.
+    pub fn is_parked(&self, i: usize) -> bool {
+        self.shared.vcpus.get(i).is_some_and(|v| v.lock().parked)
+    }
+}
+
+/// A KVM virtual machine with its vCPU threads.
+pub struct Machine {
+    shared: Arc<VmShared>,
+    events: Receiver<VmEvent>,
+    threads: Vec<JoinHandle<()>>,
+    loader: Arc<dyn BootLoader>,
+    no_reboot: bool,
+    _kvm: Kvm,
+}
+
+/// Initial register state of a vCPU, restored on INIT and reset.
+#[derive(Clone)]
+pub(crate) struct InitialState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: kvm_fpu,
+}
+
+fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(
+        kvm_bindings::KVM_MSR_EXIT_REASON_INVAL
+            | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN
+            | kvm_bindings::KVM_MSR_EXIT_REASON_FILTER,
+    );
+    vm.enable_cap(&cap)
+        .map_err(setup("KVM_CAP_X86_USER_SPACE_MSR"))?;
+    // Force exits for the MSRs the VMM owns. A 0 bit denies, which exits with reason FILTER.
+    let deny = [0u8; 1];
+    let msrs = [
+        crate::vcpu::MSR_IA32_TSC,
+        crate::apic::MSR_APIC_BASE,
+        crate::vcpu::MSR_IA32_TSC_ADJUST,
+        crate::apic::MSR_TSC_DEADLINE,
+    ];
+    let ranges: Vec<kvm_ioctls::MsrFilterRange<'_>> = msrs
+        .iter()
+        .map(|&base| kvm_ioctls::MsrFilterRange {
+            flags: kvm_ioctls::MsrFilterRangeFlags::READ | kvm_ioctls::MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(setup("KVM_X86_SET_MSR_FILTER"))
+}
+
+impl Machine {
+    /// Creates the VM: RAM, vCPUs with their CPUID, APICs and TSCs, loads the kernel and prepares the BSP.
+    /// The vCPU threads start in [`Machine::run`].
+    pub fn new(
+        cfg: VmConfig,
+        loader: Arc<dyn BootLoader>,
+        devices: Arc<dyn IoDevices>,
+    ) -> Result<(Machine, Vec<VcpuFd>), VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "the vCPU count must be between 1 and {MAX_VCPUS}, not {}",
+                cfg.vcpus
+            )));
+        }
+        let kvm = crate::host::open_kvm().map_err(|e| VmError::Kvm(e.to_string()))?;
+        for (cap, name) in [
+            (
+                kvm_ioctls::Cap::X86UserSpaceMsr,
+                "KVM_CAP_X86_USER_SPACE_MSR",
+            ),
+            (kvm_ioctls::Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+            (kvm_ioctls::Cap::SyncRegs, "KVM_CAP_SYNC_REGS"),
+            (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        kick::install_kick_handler().map_err(|e| VmError::Setup {
+            what: "signal handler",
+            err: e,
+        })?;
+        let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
+        enable_msr_exits(&vm)?;
+
+        // RAM.
+        let layout = MemoryLayout::new(cfg.ram_size);
+        let ranges: Vec<(GuestAddress, usize)> = layout
+            .regions
+            .iter()
+            .map(|r| (GuestAddress(r.start), r.size as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(format!("{e:?}")))?;
+        for (slot, r) in layout.regions.iter().enumerate() {
+            let host = mem
+                .get_host_address(GuestAddress(r.start))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start,
+                memory_size: r.size,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range [host, host + size) is a live mapping owned by `mem`, which lives in the
+            // shared VM state for as long as the VM fd does.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        // CPUID.
+        let mut table = match cfg.cpuid.clone() {
+            Some(t) => t,
+            None => crate::host::supported_cpuid(&kvm).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?,
+        };
+        cpu::ensure_topology_leaves(&mut table);
+        cpu::adjust_for_userspace_apic(&mut table, cfg.x2apic);
+        let phys_bits = table
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map_or(36, |e| (e.eax & 0xFF) as u8);
+
+        // vCPUs.
+        let mut fds = Vec::new();
+        for i in 0..cfg.vcpus {
+            let mut fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(setup("KVM_CREATE_VCPU"))?;
+            let entries = cpu::for_vcpu(&table, i, cfg.vcpus);
+            let kvm_cpuid = cpu::to_kvm(&entries).map_err(|e| VmError::Setup {
+                what: "CPUID",
+                err: e,
+            })?;
+            fd.set_cpuid2(&kvm_cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+            fds.push(fd);
+        }
+        let tsc_khz = fds[0].get_tsc_khz().map_err(setup("KVM_GET_TSC_KHZ"))?;
+
+        // Identical TSCs: one explicit offset for every vCPU, so guest TSC = host TSC + offset exactly.
+        let offset = 0u64.wrapping_sub(host_tsc());
+        let tsc_offset_attr = fds
+            .iter()
+            .all(|fd| vcpu::set_tsc_offset(fd, offset).is_ok());
+        let tsc_offset = if tsc_offset_attr {
+            offset
+        } else {
+            vcpu::sync_tsc_with_msrs(&fds).map_err(|e| VmError::Setup {
+                what: "TSC synchronisation",
+                err: e,
+            })?
+        };
+
+        let apic_cfg = ApicConfig {
+            bus_freq_hz: cfg.apic_bus_hz.max(1),
+            tsc_freq_hz: u64::from(tsc_khz) * 1000,
+            x2apic_allowed: cfg.x2apic,
+            bsp: false,
+            phys_addr_bits: phys_bits,
+        };
+        let vcpus = (0..cfg.vcpus)
+            .map(|i| VcpuShared {
+                state: Mutex::new(VcpuState {
+                    apic: LocalApic::new(
+                        i,
+                        ApicConfig {
+                            bsp: i == 0,
+                            ..apic_cfg
+                        },
+                    ),
+                    run: if i == 0 {
+                        RunState::Runnable
+                    } else {
+                        RunState::WaitForSipi
+                    },
+                    nmi: false,
+                    pause: 0,
+                    parked: false,
+                    exited: false,
+                    requests: Vec::new(),
+                    tsc_offset,
+                    tsc_adjust: 0,
+                    exits: 0,
+                }),
+                wake: Condvar::new(),
+                parked_cv: Condvar::new(),
+                kicker: Kicker::default(),
+            })
+            .collect();
+
+        let (tx, rx) = channel();
+        let shared = Arc::new(VmShared {
+            _vm: vm,
+            mem,
+            layout,
+            vcpus,
+            clock: Clock::new(tsc_khz),
+            timers: TimerQueue::new(cfg.vcpus as usize),
+            events: Mutex::new(tx),
+            stop: AtomicBool::new(false),
+            devices,
+            msr_hook: cfg.msr_hook.clone(),
+            port_hook: cfg.port_hook.clone(),
+            apic_cfg,
+            tsc_offset_attr,
+            rendezvous: Mutex::new(()),
+        });
+
+        // Load the kernel and set the BSP's entry state.
+        let entry = loader
+            .load(&shared.mem, &shared.layout)
+            .map_err(VmError::Load)?;
+        boot::write_boot_structures(&shared.mem, entry.mode).map_err(VmError::Load)?;
+        vcpu::enter(&fds[0], &entry).map_err(setup("BSP entry state"))?;
+
+        Ok((
+            Machine {
+                shared,
+                events: rx,
+                threads: Vec::new(),
+                loader,
+                no_reboot: cfg.no_reboot,
+                _kvm: kvm,
+            },
+            fds,
+        ))
+    }
+
+    /// A handle for other threads (pause/resume, stop, memory).
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.shared.mem
+    }
+
+    /// The RAM layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.shared.layout
+    }
+
+    /// The TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.shared.clock.tsc_khz()
+    }
+
+    /// Starts the vCPU threads (with the fds [`Machine::new`] returned) and the timer thread, then handles VM
+    /// events until the machine ends. Joins every thread before returning.
+    pub fn run(mut self, fds: Vec<VcpuFd>) -> Outcome {
+        let mut inits = Vec::new();
+        for fd in &fds {
+            match (fd.get_regs(), fd.get_sregs(), fd.get_fpu()) {
+                (Ok(regs), Ok(sregs), Ok(fpu)) => inits.push(InitialState { regs, sregs, fpu }),
+                _ => return Outcome::Error("cannot read the initial vCPU state".to_string()),
+            }
+        }
+        // The BSP's reset state is the real-mode one; its entry state was already set.
+        if let Some(first) = inits.first_mut() {
+            if let Some(ap) = fds.get(1).and_then(|fd| fd.get_sregs().ok()) {
+                first.sregs = ap;
+            } else {
+                first.sregs.cs.selector = 0xF000;
+                first.sregs.cs.base = 0xFFFF_0000;
+                first.sregs.cr0 = 0x6000_0010;
+                first.sregs.efer = 0;
+                first.sregs.cr4 = 0;
+                first.sregs.cr3 = 0;
+                first.regs = kvm_regs {
+                    rflags: 2,
+                    rip: 0xFFF0,
+                    ..Default::default()
+                };
+            }
+        }
+        for (i, (fd, init)) in fds.into_iter().zip(inits).enumerate() {
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::thread_main(shared, i, fd, init));
+            match spawned {
+                Ok(h) => self.threads.push(h),
+                Err(e) => {
+                    self.shared.stop_all();
+                    self.join();
+                    return Outcome::Error(format!("cannot start a vCPU thread: {e}"));
+                }
+            }
+        }
+        let shared = self.shared.clone();
+        match std::thread::Builder::new()
+            .name("apic-timer".into())
+            .spawn(move || timer_thread(shared))
+        {
+            Ok(h) => self.threads.push(h),
+            Err(e) => {
+                self.shared.stop_all();
+                self.join();
+                return Outcome::Error(format!("cannot start the timer thread: {e}"));
+            }
+        }
+        let outcome = self.event_loop();
+        self.shared.stop_all();
+        self.join();
+        outcome
+    }
+
+    fn join(&mut self) {
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    fn event_loop(&mut self) -> Outcome {
+        loop {
+            if self.shared.stopping() {
+                return Outcome::Cancelled;
+            }
+            let ev = match self
+                .events
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                Ok(ev) => ev,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Outcome::Error("the VM event channel closed".to_string())
+                }
+            };
+            tracing::debug!(?ev, "vm event");
+            match ev {
+                VmEvent::Io(IoAction::None) => {}
+                VmEvent::Io(IoAction::Exit(code)) => return Outcome::Exit(code),
+                VmEvent::Io(IoAction::PowerOff) => return Outcome::PowerOff,
+                VmEvent::Io(IoAction::Reset) => {
+                    if self.no_reboot {
+                        return Outcome::Stopped;
+                    }
+                    if let Err(e) = self.reset() {
+                        return Outcome::Error(e);
+                    }
+                }
+                VmEvent::TripleFault { vcpu, dump } => {
+                    if self.no_reboot {
+                        eprintln!(
+                            "warning: triple fault on vCPU {vcpu}; stopping (--no-reboot): {dump}"
+                        );
+                        return Outcome::Stopped;
+                    }
+                    eprintln!("warning: triple fault on vCPU {vcpu}; resetting the VM: {dump}");
+                    if let Err(e) = self.reset() {
+                        return Outcome::Error(e);
+                    }
+                }
+                VmEvent::Fatal(msg) => return Outcome::Error(msg),
+                VmEvent::Deadlock => {
+                    // Re-check with everything quiet: a racing IPI may have woken someone.
+                    let handle = self.handle();
+                    let paused = handle.pause_all();
+                    let stuck = self.shared.all_stuck_ignoring_pause();
+                    drop(paused);
+                    if stuck {
+                        return Outcome::Error(
+                            "every vCPU is halted with interrupts disabled and nothing can wake it; the \
+                             guest can never run again"
+                                .to_string(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resets the VM: pause all vCPUs, clear RAM, reload the kernel, reset devices and vCPUs, resume.
+    fn reset(&mut self) -> Result<(), String> {
+        let handle = self.handle();
+        let paused = handle.pause_all();
+        if self.shared.stopping() {
+            return Ok(());
+        }
+        clear_ram(&self.shared.mem, &self.shared.layout)?;
+        let entry = self.loader.load(&self.shared.mem, &self.shared.layout)?;
+        boot::write_boot_structures(&self.shared.mem, entry.mode)?;
+        self.shared.devices.reset();
+        for i in 0..self.shared.vcpus.len() {
+            paused.post(
+                i,
+                VcpuRequest::Reset {
+                    entry: (i == 0).then_some(entry),
+                },
+            );
+        }
+        drop(paused);
+        Ok(())
+    }
+}
+
+impl VmShared {
+    fn all_stuck_ignoring_pause(&self) -> bool {
+        self.vcpus.iter().all(|v| {
+            let mut st = v.lock();
+            let pause = std::mem::take(&mut st.pause);
+            let stuck = st.is_stuck();
+            st.pause = pause;
+            stuck
+        })
+    }
+}
+
+/// Zeroes guest RAM (the kernel is reloaded after a reset).
+fn clear_ram(mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(), String> {
+    for r in &layout.regions {
+        let host = mem
+            .get_host_address(GuestAddress(r.start))
+            .map_err(|e| format!("cannot clear guest RAM: {e}"))?;
+        // SAFETY: [host, host + size) is a private anonymous mapping owned by `mem`; MADV_DONTNEED replaces
+        // its pages with zero pages, which is what a power cycle leaves. All vCPUs are paused.
+        let ret = unsafe { libc::madvise(host.cast(), r.size as usize, libc::MADV_DONTNEED) };
+        if ret != 0 {
+            return Err(format!(
+                "cannot clear guest RAM: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn timer_thread(shared: Arc<VmShared>) {
+    timer::set_precise_timer_slack();
+    while let Some(due) = shared.timers.wait_due(&shared.clock, || shared.stopping()) {
+        for i in due {
+            let v = &shared.vcpus[i];
+            let wake = {
+                let mut st = v.lock();
+                let now = shared.clock.now_ns();
+                let tsc = shared.guest_tsc(&st);
+                let fx = st.apic.timer_tick(now, tsc);
+                // Never re-arm in the past (a deadline the APIC could not advance would spin here).
+                let next = st.apic.next_timer_deadline_ns().map(|d| d.max(now + 1_000));
+                shared.timers.set(i, next);
+                fx.reevaluate
+            };
+            if wake {
+                v.wake_up();
+            }
+        }
+    }
+}

@@ -1,0 +1,675 @@
+//! The vCPU thread: the run loop, exit dispatch (port I/O, MMIO, MSRs, HLT, shutdown, errors), interrupt
+//! injection, INIT/SIPI handling and the rendezvous.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::apic::{
+    ApicEffects, Gp, LocalApic, APIC_MMIO_SIZE, MSR_APIC_BASE, MSR_TSC_DEADLINE, X2APIC_MSR_FIRST,
+    X2APIC_MSR_LAST,
+};
+use crate::boot::{self, BootEntry};
+use crate::diag;
+use crate::machine::{
+    InitialState, IoAction, RunState, VcpuRequest, VcpuShared, VmEvent, VmShared,
+};
+use crate::timer::host_tsc;
+
+/// IA32_TSC.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// IA32_TSC_ADJUST.
+pub const MSR_IA32_TSC_ADJUST: u32 = 0x3B;
+/// First MSR of the Hyper-V synthetic range.
+pub const HV_MSR_FIRST: u32 = 0x4000_0000;
+/// Last MSR of the Hyper-V synthetic range.
+pub const HV_MSR_LAST: u32 = 0x4000_01FF;
+
+ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
+
+ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+
+/// Sets the vCPU's TSC offset (`KVM_VCPU_TSC_OFFSET`): guest TSC = host TSC + offset.
+pub(crate) fn set_tsc_offset(fd: &VcpuFd, offset: u64) -> Result<(), kvm_ioctls::Error> {
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr: &offset as *const u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: `fd` is a vCPU fd; `attr` is valid and points to `offset`, which outlives the call; the kernel
+    // only reads 8 bytes from it for this attribute.
+    let ret = unsafe { ioctl_with_ref(fd, KVM_SET_DEVICE_ATTR(), &attr) };
+    if ret < 0 {
+        Err(kvm_ioctls::Error::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Injects an external interrupt (`KVM_INTERRUPT`; only valid without an in-kernel irqchip).
+fn inject_interrupt(fd: &VcpuFd, vector: u8) -> Result<(), kvm_ioctls::Error> {
+    let irq = kvm_bindings::kvm_interrupt {
+        irq: u32::from(vector),
+    };
+    // SAFETY: `fd` is a vCPU fd and `irq` is a valid kvm_interrupt that outlives the call.
+    let ret = unsafe { ioctl_with_ref(fd, KVM_INTERRUPT(), &irq) };
+    if ret < 0 {
+        Err(kvm_ioctls::Error::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sets the BSP entry state for `entry`.
+pub(crate) fn enter(fd: &VcpuFd, entry: &BootEntry) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs = fd.get_sregs()?;
+    let mut regs = fd.get_regs()?;
+    boot::set_entry_state(entry, &mut sregs, &mut regs);
+    fd.set_sregs(&sregs)?;
+    fd.set_regs(&regs)
+}
+
+/// Fallback TSC synchronisation without `KVM_VCPU_TSC_OFFSET`: write IA32_TSC = 0 to every vCPU back to back
+/// (KVM matches the writes to one offset) and estimate the offset from a read bracketed by host TSC reads.
+pub(crate) fn sync_tsc_with_msrs(fds: &[VcpuFd]) -> Result<u64, String> {
+    let entry = |data| kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data,
+        ..Default::default()
+    };
+    for fd in fds {
+        let msrs = Msrs::from_entries(&[entry(0)]).map_err(|e| format!("{e:?}"))?;
+        fd.set_msrs(&msrs).map_err(|e| e.to_string())?;
+    }
+    let mut msrs = Msrs::from_entries(&[entry(0)]).map_err(|e| format!("{e:?}"))?;
+    let before = host_tsc();
+    fds[0].get_msrs(&mut msrs).map_err(|e| e.to_string())?;
+    let after = host_tsc();
+    let guest = msrs.as_slice()[0].data;
+    let host_mid = before.wrapping_add(after.wrapping_sub(before) / 2);
+    Ok(guest.wrapping_sub(host_mid))
+}
+
+/// Per-thread context of a vCPU.
+struct Ctx {
+    shared: Arc<VmShared>,
+    index: usize,
+    init: InitialState,
+    /// The last exit needs one more `KVM_RUN` to complete (port/MMIO read, MSR access).
+    needs_completion: bool,
+    /// This vCPU already reported itself stuck in the current sleep.
+    reported_stuck: bool,
+}
+
+/// A deferred action that needs the vCPU fd, which the exit value borrows.
+enum Deferred {
+    None,
+    SetTsc(u64),
+    SetTscAdjust(u64),
+    Io(IoAction),
+    TripleFault,
+    Fatal(String),
+    InternalError,
+    PortHook(u16, Vec<u8>),
+}
+
+pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, init: InitialState) {
+    let me = &shared.vcpus[index];
+    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+    // SAFETY: the pointer refers to the kvm_run mapping owned by `fd`, which outlives the publication: the
+    // kicker is unpublished below before `fd` is dropped.
+    unsafe { me.kicker.publish(immediate_exit) };
+    let mut ctx = Ctx {
+        shared: shared.clone(),
+        index,
+        init,
+        needs_completion: false,
+        reported_stuck: false,
+    };
+    let result = ctx.run_loop(&mut fd);
+    me.kicker.unpublish();
+    if let Err(msg) = result {
+        shared.send(VmEvent::Fatal(msg));
+    }
+    let mut st = me.lock();
+    st.exited = true;
+    me.parked_cv.notify_all();
+}
+
+impl Ctx {
+    fn me(&self) -> &VcpuShared {
+        &self.shared.vcpus[self.index]
+    }
+
+    fn complete_pending(&mut self, fd: &mut VcpuFd) -> Result<(), String> {
+        if !self.needs_completion {
+            return Ok(());
+        }
+        self.needs_completion = false;
+        self.me().kicker.set_immediate_exit(1);
+        let r = fd.run();
+        let r = match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(format!("KVM_RUN failed on vCPU {}: {e}", self.index)),
+        };
+        self.me().kicker.set_immediate_exit(0);
+        r
+    }
+
+    fn reset_to_initial(&self, fd: &VcpuFd) -> Result<(), String> {
+        let err = |e: kvm_ioctls::Error| format!("cannot reset vCPU {}: {e}", self.index);
+        fd.set_sregs(&self.init.sregs).map_err(err)?;
+        fd.set_regs(&self.init.regs).map_err(err)?;
+        fd.set_fpu(&self.init.fpu).map_err(err)
+    }
+
+    fn handle_request(&mut self, fd: &mut VcpuFd, req: VcpuRequest) -> Result<(), String> {
+        match req {
+            VcpuRequest::Reset { entry } => {
+                self.needs_completion = false;
+                self.reset_to_initial(fd)?;
+                if let Some(entry) = entry {
+                    enter(fd, &entry).map_err(|e| {
+                        format!("cannot set the entry state of vCPU {}: {e}", self.index)
+                    })?;
+                }
+                let cfg = self.shared.apic_cfg;
+                let index = self.index;
+                let mut st = self.me().lock();
+                st.apic = LocalApic::new(
+                    index as u32,
+                    crate::apic::ApicConfig {
+                        bsp: index == 0,
+                        ..cfg
+                    },
+                );
+                st.nmi = false;
+                st.run = if entry.is_some() {
+                    RunState::Runnable
+                } else {
+                    RunState::WaitForSipi
+                };
+                self.shared.timers.set(index, None);
+                let run = fd.get_kvm_run();
+                run.request_interrupt_window = 0;
+                run.cr8 = 0;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sleeps until woken; reports a VM-wide deadlock once per sleep if this vCPU is stuck.
+    fn sleep<'a>(
+        &mut self,
+        me: &'a VcpuShared,
+        st: std::sync::MutexGuard<'a, crate::machine::VcpuState>,
+    ) -> std::sync::MutexGuard<'a, crate::machine::VcpuState> {
+        if !self.reported_stuck
+            && matches!(
+                st.run,
+                RunState::Halted { if_flag: false } | RunState::WaitForSipi | RunState::Stopped
+            )
+        {
+            self.reported_stuck = true;
+            drop(st);
+            if self.shared.all_stuck() {
+                self.shared.send(VmEvent::Deadlock);
+            }
+            return me.lock();
+        }
+        me.wake.wait(st).unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run_loop(&mut self, fd: &mut VcpuFd) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let me = &shared.vcpus[self.index];
+        loop {
+            // Decide what to do, with the state locked.
+            let mut st = me.lock();
+            let (inject, nmi, window) = loop {
+                if shared.stopping() {
+                    return Ok(());
+                }
+                if st.pause > 0 {
+                    if self.needs_completion {
+                        drop(st);
+                        self.complete_pending(fd)?;
+                        st = me.lock();
+                        continue;
+                    }
+                    st.parked = true;
+                    me.parked_cv.notify_all();
+                    while st.pause > 0 && !shared.stopping() {
+                        st = me.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    st.parked = false;
+                    continue;
+                }
+                if !st.requests.is_empty() {
+                    let reqs = std::mem::take(&mut st.requests);
+                    drop(st);
+                    for r in reqs {
+                        self.handle_request(fd, r)?;
+                    }
+                    st = me.lock();
+                    continue;
+                }
+                if st.apic.take_init() {
+                    st.apic.init_reset();
+                    st.nmi = false;
+                    let bsp = self.index == 0;
+                    st.run = if bsp {
+                        RunState::Runnable
+                    } else {
+                        RunState::WaitForSipi
+                    };
+                    let deadline = st.apic.next_timer_deadline_ns();
+                    shared.timers.set(self.index, deadline);
+                    drop(st);
+                    self.needs_completion = false;
+                    self.reset_to_initial(fd)?;
+                    st = me.lock();
+                    continue;
+                }
+                if st.apic.take_nmi() {
+                    st.nmi = true;
+                }
+                match st.run {
+                    RunState::WaitForSipi => {
+                        if let Some(vector) = st.apic.take_sipi() {
+                            st.run = RunState::Runnable;
+                            drop(st);
+                            let mut sregs = self.init.sregs;
+                            let mut regs = self.init.regs;
+                            boot::set_sipi_state(vector, &mut sregs, &mut regs);
+                            fd.set_sregs(&sregs)
+                                .and_then(|_| fd.set_regs(&regs))
+                                .map_err(|e| format!("cannot start vCPU {}: {e}", self.index))?;
+                            tracing::debug!(vcpu = self.index, vector, "SIPI");
+                            st = me.lock();
+                            continue;
+                        }
+                        st = self.sleep(me, st);
+                        continue;
+                    }
+                    RunState::Halted { if_flag } => {
+                        let _ = st.apic.take_sipi();
+                        if st.nmi || (if_flag && st.apic.pending_interrupt().is_some()) {
+                            st.run = RunState::Runnable;
+                            continue;
+                        }
+                        st = self.sleep(me, st);
+                        continue;
+                    }
+                    RunState::Stopped => {
+                        st = self.sleep(me, st);
+                        continue;
+                    }
+                    RunState::Runnable => {}
+                }
+                self.reported_stuck = false;
+                let _ = st.apic.take_sipi();
+                let nmi = std::mem::take(&mut st.nmi);
+                let run = fd.get_kvm_run();
+                run.cr8 = st.apic.cr8();
+                let can_inject = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+                let mut inject = None;
+                let mut window = false;
+                if let Some(v) = st.apic.pending_interrupt() {
+                    if can_inject && !nmi {
+                        st.apic.ack_interrupt(v);
+                        inject = Some(v);
+                    } else {
+                        window = true;
+                    }
+                }
+                break (inject, nmi, window);
+            };
+            drop(st);
+
+            if nmi {
+                fd.nmi()
+                    .map_err(|e| format!("KVM_NMI failed on vCPU {}: {e}", self.index))?;
+            }
+            if let Some(v) = inject {
+                tracing::trace!(vcpu = self.index, v, "inject");
+                inject_interrupt(fd, v)
+                    .map_err(|e| format!("KVM_INTERRUPT failed on vCPU {}: {e}", self.index))?;
+            }
+            fd.get_kvm_run().request_interrupt_window = u8::from(window);
+
+            let deferred = self.run_once(fd)?;
+            self.apply_deferred(fd, deferred)?;
+        }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn run_once(&mut self, fd: &mut VcpuFd) -> Result<Deferred, String> {
+        let shared = self.shared.clone();
+        let me = &shared.vcpus[self.index];
+        let index = self.index;
+        self.needs_completion = false;
+        let exit = fd.run();
+        me.kicker.set_immediate_exit(0);
+        let exit = match exit {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Deferred::None);
+            }
+            Err(e) => return Err(format!("KVM_RUN failed on vCPU {index}: {e}")),
+        };
+        let mut fx = ApicEffects::default();
+        let deferred = match exit {
+            VcpuExit::IoOut(port, data) => {
+                if shared.port_hook.as_ref().is_some_and(|h| h.handles(port)) {
+                    // The hook needs the registers (sync regs in kvm_run), which the exit value borrows.
+                    Deferred::PortHook(port, data.to_vec())
+                } else {
+                    Deferred::Io(shared.devices.pio_write(index, port, data))
+                }
+            }
+            VcpuExit::IoIn(port, data) => {
+                self.needs_completion = true;
+                shared.devices.pio_read(index, port, data);
+                Deferred::None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.needs_completion = true;
+                let st = me.lock();
+                match st.apic.mmio_base() {
+                    Some(base) if addr >= base && addr < base + APIC_MMIO_SIZE => {
+                        st.apic.mmio_read(addr - base, data, shared.clock.now_ns());
+                    }
+                    _ => {
+                        drop(st);
+                        shared.devices.mmio_read(index, addr, data);
+                    }
+                }
+                Deferred::None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                let mut st = me.lock();
+                match st.apic.mmio_base() {
+                    Some(base) if addr >= base && addr < base + APIC_MMIO_SIZE => {
+                        fx = st.apic.mmio_write(addr - base, data, shared.clock.now_ns());
+                        self.after_apic(&mut st, &fx);
+                        Deferred::None
+                    }
+                    _ => {
+                        drop(st);
+                        Deferred::Io(shared.devices.mmio_write(index, addr, data))
+                    }
+                }
+            }
+            VcpuExit::X86Rdmsr(exit) => {
+                self.needs_completion = true;
+                match self.rdmsr(exit.index) {
+                    Ok(v) => {
+                        *exit.data = v;
+                        *exit.error = 0;
+                    }
+                    Err(Gp) => {
+                        tracing::debug!(vcpu = index, msr = exit.index, "rdmsr #GP");
+                        *exit.error = 1;
+                    }
+                }
+                Deferred::None
+            }
+            VcpuExit::X86Wrmsr(exit) => {
+                self.needs_completion = true;
+                match self.wrmsr(exit.index, exit.data) {
+                    Ok((effects, d)) => {
+                        fx = effects;
+                        *exit.error = 0;
+                        d
+                    }
+                    Err(Gp) => {
+                        tracing::debug!(vcpu = index, msr = exit.index, value = exit.data, "wrmsr #GP");
+                        *exit.error = 1;
+                        Deferred::None
+                    }
+                }
+            }
+            VcpuExit::Hlt => {
+                let if_flag = fd.get_kvm_run().if_flag != 0;
+                tracing::trace!(vcpu = index, if_flag, "HLT");
+                let mut st = me.lock();
+                st.run = RunState::Halted { if_flag };
+                Deferred::None
+            }
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => Deferred::None,
+            VcpuExit::SetTpr => Deferred::None,
+            VcpuExit::Shutdown => Deferred::TripleFault,
+            VcpuExit::InternalError => Deferred::InternalError,
+            VcpuExit::FailEntry(reason, cpu) => Deferred::Fatal(format!(
+                "KVM could not enter vCPU {index} (hardware entry failure reason {reason:#x} on host CPU \
+                 {cpu})"
+            )),
+            VcpuExit::SystemEvent(kind, _) => Deferred::Fatal(format!(
+                "unexpected KVM system event {kind} on vCPU {index}"
+            )),
+            VcpuExit::MemoryFault { gpa, size, .. } => Deferred::Fatal(format!(
+                "guest memory fault on vCPU {index} at {gpa:#x} (size {size:#x})"
+            )),
+            other => Deferred::Fatal(format!("unexpected KVM exit on vCPU {index}: {other:?}")),
+        };
+        {
+            // CR8 as KVM left it (the guest may have written it), and statistics.
+            let cr8 = fd.get_kvm_run().cr8;
+            let mut st = me.lock();
+            st.exits += 1;
+            if st.apic.cr8() != cr8 {
+                let f = st.apic.set_cr8(cr8);
+                fx = fx.merge(f);
+            }
+        }
+        if let Some(ipi) = fx.ipi {
+            shared.route_ipi(&ipi);
+        }
+        Ok(deferred)
+    }
+
+    /// Book-keeping after an APIC operation, with the state still locked.
+    fn after_apic(&self, st: &mut crate::machine::VcpuState, fx: &ApicEffects) {
+        if fx.timer_changed {
+            self.shared
+                .timers
+                .set(self.index, st.apic.next_timer_deadline_ns());
+        }
+    }
+
+    fn rdmsr(&self, msr: u32) -> Result<u64, Gp> {
+        let shared = &self.shared;
+        let me = self.me();
+        match msr {
+            MSR_APIC_BASE => Ok(me.lock().apic.read_apic_base()),
+            MSR_TSC_DEADLINE => Ok(me.lock().apic.read_tsc_deadline()),
+            MSR_IA32_TSC => {
+                let st = me.lock();
+                Ok(shared.guest_tsc(&st))
+            }
+            MSR_IA32_TSC_ADJUST => Ok(me.lock().tsc_adjust),
+            X2APIC_MSR_FIRST..=X2APIC_MSR_LAST => {
+                me.lock().apic.msr_read(msr, shared.clock.now_ns())
+            }
+            _ => match shared
+                .msr_hook
+                .as_ref()
+                .and_then(|h| h.rdmsr(self.index, msr))
+            {
+                Some(r) => r,
+                None => Err(Gp),
+            },
+        }
+    }
+
+    fn wrmsr(&self, msr: u32, value: u64) -> Result<(ApicEffects, Deferred), Gp> {
+        let shared = &self.shared;
+        let me = self.me();
+        let apic_op = |f: &dyn Fn(&mut crate::machine::VcpuState) -> Result<ApicEffects, Gp>| {
+            let mut st = me.lock();
+            let fx = f(&mut st)?;
+            self.after_apic(&mut st, &fx);
+            Ok((fx, Deferred::None))
+        };
+        match msr {
+            MSR_APIC_BASE => apic_op(&|st| st.apic.write_apic_base(value)),
+            MSR_TSC_DEADLINE => apic_op(&|st| {
+                let now = shared.clock.now_ns();
+                let tsc = shared.guest_tsc(st);
+                Ok(st.apic.write_tsc_deadline(value, now, tsc))
+            }),
+            MSR_IA32_TSC => Ok((ApicEffects::default(), Deferred::SetTsc(value))),
+            MSR_IA32_TSC_ADJUST => Ok((ApicEffects::default(), Deferred::SetTscAdjust(value))),
+            X2APIC_MSR_FIRST..=X2APIC_MSR_LAST => apic_op(&|st| {
+                let now = shared.clock.now_ns();
+                st.apic.msr_write(msr, value, now)
+            }),
+            _ => match shared
+                .msr_hook
+                .as_ref()
+                .and_then(|h| h.wrmsr(self.index, msr, value))
+            {
+                Some(r) => r.map(|()| (ApicEffects::default(), Deferred::None)),
+                None => Err(Gp),
+            },
+        }
+    }
+
+    /// Changes this vCPU's TSC so that it reads `value` now.
+    fn write_tsc(&self, fd: &VcpuFd, value: u64) -> Result<(), String> {
+        let me = self.me();
+        let new_offset = value.wrapping_sub(host_tsc());
+        if self.shared.tsc_offset_attr {
+            set_tsc_offset(fd, new_offset)
+                .map_err(|e| format!("cannot set the TSC of vCPU {}: {e}", self.index))?;
+        } else {
+            let entry = kvm_bindings::kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: value,
+                ..Default::default()
+            };
+            let msrs = Msrs::from_entries(&[entry]).map_err(|e| format!("{e:?}"))?;
+            fd.set_msrs(&msrs)
+                .map_err(|e| format!("cannot set the TSC of vCPU {}: {e}", self.index))?;
+        }
+        let mut st = me.lock();
+        st.tsc_offset = new_offset;
+        let now = self.shared.clock.now_ns();
+        let fx = st.apic.resync_tsc(now, value);
+        self.after_apic(&mut st, &fx);
+        drop(st);
+        if fx.reevaluate {
+            me.wake_up();
+        }
+        Ok(())
+    }
+
+    fn apply_deferred(&mut self, fd: &mut VcpuFd, d: Deferred) -> Result<(), String> {
+        let index = self.index;
+        match d {
+            Deferred::None => Ok(()),
+            Deferred::PortHook(port, data) => {
+                if let Some(hook) = self.shared.port_hook.clone() {
+                    let mut regs: kvm_regs = fd.sync_regs().regs;
+                    if hook.pio_write(index, port, &data, &mut regs) {
+                        // Handed back through the sync-regs area: KVM loads it on the next entry, no ioctl.
+                        fd.sync_regs_mut().regs = regs;
+                        fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+                    }
+                }
+                Ok(())
+            }
+            Deferred::SetTsc(value) => {
+                let (old_tsc, adjust) = {
+                    let st = self.me().lock();
+                    (self.shared.guest_tsc(&st), st.tsc_adjust)
+                };
+                self.write_tsc(fd, value)?;
+                // SDM: a write to IA32_TSC adds the same difference to IA32_TSC_ADJUST.
+                self.me().lock().tsc_adjust = adjust.wrapping_add(value.wrapping_sub(old_tsc));
+                Ok(())
+            }
+            Deferred::SetTscAdjust(value) => {
+                let (now_tsc, adjust) = {
+                    let st = self.me().lock();
+                    (self.shared.guest_tsc(&st), st.tsc_adjust)
+                };
+                self.write_tsc(fd, now_tsc.wrapping_add(value.wrapping_sub(adjust)))?;
+                self.me().lock().tsc_adjust = value;
+                Ok(())
+            }
+            Deferred::Io(IoAction::None) => Ok(()),
+            Deferred::Io(action) => {
+                if matches!(action, IoAction::Exit(_) | IoAction::PowerOff) {
+                    // Let the main thread end the VM; this vCPU must not run any further.
+                    self.me().lock().run = RunState::Stopped;
+                }
+                self.shared.send(VmEvent::Io(action));
+                Ok(())
+            }
+            Deferred::TripleFault => {
+                let dump = self.dump(fd);
+                self.me().lock().run = RunState::Stopped;
+                self.shared.send(VmEvent::TripleFault { vcpu: index, dump });
+                Ok(())
+            }
+            Deferred::InternalError => {
+                // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the `internal` member of the union
+                // is the valid one.
+                let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+                let what = match internal.suberror {
+                    1 => "emulation failure (KVM cannot emulate the instruction)",
+                    2 => "simultaneous exceptions",
+                    3 => "delivery event",
+                    4 => "unexpected exit",
+                    _ => "internal error",
+                };
+                let dump = self.dump(fd);
+                let err = format!(
+                    "KVM internal error on vCPU {index}: suberror {} ({what}); {dump}",
+                    internal.suberror
+                );
+                self.me().lock().run = RunState::Stopped;
+                Err(err)
+            }
+            Deferred::Fatal(msg) => {
+                let dump = self.dump(fd);
+                self.me().lock().run = RunState::Stopped;
+                Err(format!("{msg}; {dump}"))
+            }
+        }
+    }
+
+    /// Registers and instruction bytes, for diagnostics.
+    fn dump(&self, fd: &mut VcpuFd) -> String {
+        let (regs, sregs) = match (fd.get_regs(), fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => {
+                let s = fd.sync_regs();
+                (s.regs, s.sregs)
+            }
+        };
+        let bytes = diag::instruction_bytes(&self.shared.mem, &regs, &sregs, 16);
+        format!(
+            "{}; code at CS:RIP: {}",
+            diag::format_regs(&regs, &sregs),
+            diag::hex_bytes(&bytes)
+        )
+    }
+}
