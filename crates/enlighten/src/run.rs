@@ -1,9 +1,403 @@
-//! `enlighten [run]`: boot a guest. (Placeholder until the VMM lands.)
+//! `enlighten [run] [QEMU-style options]`: boot a guest (the built-in demo guest without `-kernel`).
+//!
+//! Options follow QEMU's spelling; each also works with two dashes (`--kernel`). Options QEMU harnesses pass
+//! that need nothing here are accepted as no-ops. Anything else is refused with an `error:` naming it.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use hyperv::config::{CpuConfig, HostInfo};
+use hyperv::cpuid::HostCpuid;
+use vmm::devices::{parse_debug_exit, standard_bus, DebugExitConfig, SerialSink};
+use vmm::loader::Module;
+use vmm::platform::{BusDevices, KernelLoader};
+use vmm::{Machine, Outcome, VmConfig};
+
+/// Usage text for `enlighten run -help`.
+const USAGE: &str = "\
+Usage: enlighten [run] [OPTIONS]
+
+Boots a guest under KVM with the Hyper-V enlightenments implemented in userspace. Without -kernel, boots the
+built-in demo guest. Options (QEMU spelling; two dashes also work):
+  -kernel FILE            Multiboot v1 ELF32 kernel, or an ELF64 entered in long mode
+  -append STRING          kernel command line (after the kernel path)
+  -initrd FILE[ ARGS][,FILE...]  Multiboot modules
+  -smp N | cpus=N[,...]   number of vCPUs (default 1)
+  -m SIZE                 RAM size: 128, 128M, 2G, ... (default 128 MiB)
+  -cpu MODEL[,FLAG...]    CPU model and features, with the hv-* enlightenment flags (default host)
+  -serial stdio|file:PATH|none   COM1 output (default stdio; none with -nodefaults)
+  -device isa-debug-exit[,iobase=0xf4,iosize=0x4]
+  -device hyperv-testdev
+  --no-reboot             stop (exit 0) instead of resetting on a triple fault or reset
+Accepted and ignored: -nodefaults, -display none, -machine/-M ...,accel=kvm, -enable-kvm,
+  -device pc-testdev, -device pci-testdev, -global ...
+";
+
+/// The parsed run options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    pub kernel: Option<String>,
+    pub append: String,
+    pub initrd: Option<String>,
+    pub smp: u32,
+    pub ram_size: u64,
+    pub cpu: String,
+    /// `-serial` value; `None` means the default (stdio, or none with `-nodefaults`).
+    pub serial: Option<String>,
+    pub nodefaults: bool,
+    pub debug_exit: Option<DebugExitConfig>,
+    pub hyperv_testdev: bool,
+    pub no_reboot: bool,
+    pub help: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            kernel: None,
+            append: String::new(),
+            initrd: None,
+            smp: 1,
+            ram_size: vmm::layout::DEFAULT_RAM_SIZE,
+            cpu: "host".to_string(),
+            serial: None,
+            nodefaults: false,
+            debug_exit: None,
+            hyperv_testdev: false,
+            no_reboot: false,
+            help: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The effective `-serial` backend.
+    pub fn serial_spec(&self) -> &str {
+        match &self.serial {
+            Some(s) => s,
+            None if self.nodefaults => "none",
+            None => "stdio",
+        }
+    }
+}
+
+/// Parses `-smp`: `N`, `cpus=N`, optionally with `maxcpus`, `sockets`, `dies`, `clusters`, `cores`,
+/// `threads` (without `cpus`, the count is their product, as in QEMU).
+pub fn parse_smp(spec: &str) -> Result<u32, String> {
+    let bad = || format!("invalid -smp value '{spec}'");
+    let num = |v: &str| -> Result<u32, String> {
+        v.parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("invalid -smp value '{spec}': '{v}' is not a positive number"))
+    };
+    let mut cpus = None;
+    let mut product: Option<u32> = None;
+    for (i, item) in spec.split(',').enumerate() {
+        match item.split_once('=') {
+            None if i == 0 => cpus = Some(num(item)?),
+            None => return Err(bad()),
+            Some(("cpus", v)) => cpus = Some(num(v)?),
+            Some(("maxcpus", v)) => {
+                num(v)?;
+            }
+            Some(("sockets" | "dies" | "clusters" | "cores" | "threads", v)) => {
+                let n = num(v)?;
+                product = Some(product.unwrap_or(1).checked_mul(n).ok_or_else(bad)?);
+            }
+            Some((k, _)) => {
+                return Err(format!(
+                    "invalid -smp value '{spec}': unknown property '{k}'"
+                ))
+            }
+        }
+    }
+    let n = cpus.or(product).ok_or_else(bad)?;
+    if n > vmm::machine::MAX_VCPUS {
+        return Err(format!(
+            "-smp {n} is more than the {} vCPUs enlighten supports",
+            vmm::machine::MAX_VCPUS
+        ));
+    }
+    Ok(n)
+}
+
+/// Options that take a value, by their single-dash name.
+const WITH_VALUE: &[&str] = &[
+    "kernel", "append", "initrd", "smp", "m", "cpu", "serial", "device", "display", "machine", "M",
+    "global",
+];
+
+/// Parses the run options.
+pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
+    let mut o = RunOptions::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let Some(name) = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-'))
+            .filter(|n| !n.is_empty())
+        else {
+            return Err(format!(
+                "unexpected argument '{arg}' (options start with '-')"
+            ));
+        };
+        let value = if WITH_VALUE.contains(&name) {
+            Some(
+                it.next()
+                    .ok_or_else(|| format!("option '-{name}' needs a value"))?
+                    .as_str(),
+            )
+        } else {
+            None
+        };
+        let v = value.unwrap_or("");
+        match name {
+            "kernel" => o.kernel = Some(v.to_string()),
+            "append" => o.append = v.to_string(),
+            "initrd" => o.initrd = Some(v.to_string()),
+            "smp" => o.smp = parse_smp(v)?,
+            "m" => o.ram_size = vmm::parse_mem_size(v).map_err(|e| e.to_string())?,
+            "cpu" => o.cpu = v.to_string(),
+            "serial" => o.serial = Some(v.to_string()),
+            "device" => {
+                let (dev, props) = v.split_once(',').unwrap_or((v, ""));
+                match dev {
+                    "isa-debug-exit" => o.debug_exit = Some(parse_debug_exit(props)?),
+                    "hyperv-testdev" => o.hyperv_testdev = true,
+                    "pc-testdev" | "pci-testdev" => {}
+                    _ => return Err(format!("unsupported device '{dev}'")),
+                }
+            }
+            "display" => {
+                if v != "none" {
+                    return Err(format!("unsupported -display '{v}' (only 'none')"));
+                }
+            }
+            "machine" | "M" => {
+                let accel = v
+                    .split(',')
+                    .find_map(|p| p.strip_prefix("accel="))
+                    .unwrap_or("kvm");
+                if !accel.split(':').any(|a| a == "kvm") {
+                    return Err(format!(
+                        "unsupported accelerator '{accel}' (enlighten always uses KVM)"
+                    ));
+                }
+            }
+            "global" => {}
+            "nodefaults" => o.nodefaults = true,
+            "enable-kvm" => {}
+            "no-reboot" => o.no_reboot = true,
+            "help" | "h" => o.help = true,
+            "qmp" | "S" | "action" | "monitor" => {
+                return Err(format!("option '{arg}' is not supported yet"));
+            }
+            _ => return Err(format!("unsupported option '{arg}'")),
+        }
+    }
+    Ok(o)
+}
+
+fn host_cpuid_table(cpu: &str) -> Result<Vec<hyperv::cpuid::CpuidEntry>, String> {
+    let cfg = CpuConfig::parse(cpu).map_err(|e| e.to_string())?;
+    let kvm = vmm::host::open_kvm().map_err(|e| e.to_string())?;
+    let entries = vmm::host::supported_cpuid(&kvm).map_err(|e| e.to_string())?;
+    let host = HostCpuid {
+        entries,
+        info: HostInfo {
+            smt_active: vmm::host::smt_active().unwrap_or(true),
+            tsc_khz: None,
+        },
+        backend: hyperv::config::Backend::Userspace,
+    };
+    let report = hyperv::cpuid::build_report(&cfg, &host).map_err(|e| e.to_string())?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(report.entries)
+}
+
+fn boot(o: &RunOptions) -> Result<Outcome, String> {
+    let (image, path) = match &o.kernel {
+        Some(path) => (
+            std::fs::read(path).map_err(|e| format!("could not read kernel '{path}': {e}"))?,
+            path.clone(),
+        ),
+        None => (enlighten_guests::demo().to_vec(), "demo".to_string()),
+    };
+    let modules: Vec<Module> = match &o.initrd {
+        Some(arg) => Module::load_initrd_arg(arg).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let cpuid = host_cpuid_table(&o.cpu)?;
+    let serial = SerialSink::from_spec(o.serial_spec())?;
+    let cpus = u16::try_from(o.smp).map_err(|_| format!("invalid vCPU count {}", o.smp))?;
+    let bus = standard_bus(serial, o.debug_exit, o.ram_size, cpus)?;
+    let cfg = VmConfig {
+        ram_size: o.ram_size,
+        vcpus: o.smp,
+        no_reboot: o.no_reboot,
+        cpuid: Some(cpuid),
+        ..VmConfig::default()
+    };
+    let loader = Arc::new(KernelLoader::new(image, path, o.append.clone(), modules));
+    let devices = Arc::new(BusDevices::new(bus));
+    let (machine, fds) = Machine::new(cfg, loader, devices).map_err(|e| e.to_string())?;
+    Ok(machine.run(fds))
+}
+
+/// Runs a guest; the arguments follow `run` (or the program name).
 pub fn main(args: Vec<String>) -> ExitCode {
-    let _ = args;
-    eprintln!("error: booting guests is not implemented yet");
-    ExitCode::FAILURE
+    let opts = match parse_args(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if opts.help {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let outcome = boot(&opts);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    match outcome {
+        Ok(Outcome::Exit(status)) => ExitCode::from((status & 0xFF) as u8),
+        Ok(Outcome::PowerOff | Outcome::Stopped | Outcome::Cancelled) => ExitCode::SUCCESS,
+        Ok(Outcome::Error(msg)) | Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_qemu_harness_command_line() {
+        let o = parse_args(&v(&[
+            "--no-reboot",
+            "-nodefaults",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x4",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-machine",
+            "accel=kvm",
+            "-kernel",
+            "k.elf",
+            "-smp",
+            "2",
+            "-cpu",
+            "host,hv-vpindex",
+            "-device",
+            "hyperv-testdev",
+            "-append",
+            "a b",
+            "-initrd",
+            "env.txt",
+            "-global",
+            "kvm-pit.lost_tick_policy=discard",
+            "-device",
+            "pc-testdev",
+            "-enable-kvm",
+        ]))
+        .unwrap();
+        assert_eq!(o.kernel.as_deref(), Some("k.elf"));
+        assert_eq!(o.smp, 2);
+        assert!(o.no_reboot && o.nodefaults && o.hyperv_testdev);
+        assert_eq!(o.cpu, "host,hv-vpindex");
+        assert_eq!(o.append, "a b");
+        assert_eq!(o.initrd.as_deref(), Some("env.txt"));
+        let d = o.debug_exit.unwrap();
+        assert_eq!((d.iobase, d.iosize), (0xf4, 4));
+        assert_eq!(o.serial_spec(), "stdio");
+    }
+
+    #[test]
+    fn option_spellings_and_errors() {
+        let cases: &[(&[&str], Result<(), &str>)] = &[
+            (&["--kernel", "k"], Ok(())),
+            (&["-no-reboot"], Ok(())),
+            (&["--nodefaults"], Ok(())),
+            (&["-m", "2G"], Ok(())),
+            (&["-m", "size=256M"], Ok(())),
+            (&["-smp", "cpus=4"], Ok(())),
+            (&["-M", "pc,accel=kvm"], Ok(())),
+            (&["-machine", "q35"], Ok(())),
+            (
+                &["-machine", "accel=tcg"],
+                Err("unsupported accelerator 'tcg'"),
+            ),
+            (&["-display", "gtk"], Err("unsupported -display 'gtk'")),
+            (
+                &["-device", "virtio-net"],
+                Err("unsupported device 'virtio-net'"),
+            ),
+            (&["-vga", "std"], Err("unsupported option '-vga'")),
+            (
+                &["-qmp", "unix:x"],
+                Err("option '-qmp' is not supported yet"),
+            ),
+            (&["-kernel"], Err("option '-kernel' needs a value")),
+            (&["kernel"], Err("unexpected argument 'kernel'")),
+            (&["-m", "lots"], Err("invalid RAM size 'lots'")),
+            (&["-smp", "0"], Err("invalid -smp value '0'")),
+        ];
+        for (args, expected) in cases {
+            let got = parse_args(&v(args));
+            match expected {
+                Ok(()) => assert!(got.is_ok(), "{args:?}: {got:?}"),
+                Err(msg) => {
+                    let e = got.expect_err("should fail");
+                    assert!(e.starts_with(msg), "{args:?}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn smp_values() {
+        let cases: &[(&str, Option<u32>)] = &[
+            ("1", Some(1)),
+            ("4", Some(4)),
+            ("cpus=2", Some(2)),
+            ("2,maxcpus=4", Some(2)),
+            ("sockets=2,cores=2", Some(4)),
+            ("sockets=2,cores=2,threads=2", Some(8)),
+            ("0", None),
+            ("x", None),
+            ("cpus=", None),
+            ("4,foo=1", None),
+            ("256", None),
+            ("", None),
+        ];
+        for (spec, expected) in cases {
+            assert_eq!(parse_smp(spec).ok(), *expected, "{spec}");
+        }
+    }
+
+    #[test]
+    fn serial_default_follows_nodefaults() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "stdio"),
+            (&["-nodefaults"], "none"),
+            (&["-nodefaults", "-serial", "stdio"], "stdio"),
+            (&["-serial", "file:/tmp/x"], "file:/tmp/x"),
+        ];
+        for (args, spec) in cases {
+            assert_eq!(parse_args(&v(args)).unwrap().serial_spec(), *spec);
+        }
+        assert_eq!(parse_args(&v(&[])).unwrap().ram_size, 128 << 20);
+    }
 }

@@ -10,6 +10,7 @@ pub mod kick;
 pub mod layout;
 pub mod loader;
 pub mod machine;
+pub mod platform;
 pub mod timer;
 mod vcpu;
 

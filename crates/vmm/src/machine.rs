@@ -578,12 +578,23 @@ impl Machine {
         }
 
         // CPUID.
-        let mut table = match cfg.cpuid.clone() {
-            Some(t) => t,
-            None => crate::host::supported_cpuid(&kvm).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?,
+        // A table from the CPUID builder is final (its x2APIC bit decides whether the APIC allows x2APIC
+        // mode); without one, KVM's supported CPUID is adjusted for the userspace APIC.
+        let (mut table, x2apic) = match cfg.cpuid.clone() {
+            Some(t) => {
+                let x2apic = t
+                    .iter()
+                    .any(|e| e.function == 1 && e.ecx & cpu::CPUID_1_ECX_X2APIC != 0);
+                (t, x2apic)
+            }
+            None => {
+                let mut t =
+                    crate::host::supported_cpuid(&kvm).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+                cpu::adjust_for_userspace_apic(&mut t, cfg.x2apic);
+                (t, cfg.x2apic)
+            }
         };
         cpu::ensure_topology_leaves(&mut table);
-        cpu::adjust_for_userspace_apic(&mut table, cfg.x2apic);
         let phys_bits = table
             .iter()
             .find(|e| e.function == 0x8000_0008)
@@ -595,7 +606,7 @@ impl Machine {
             let mut fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(setup("KVM_CREATE_VCPU"))?;
-            let entries = cpu::for_vcpu(&table, i, cfg.vcpus);
+            let entries = hyperv::cpuid::for_vcpu(&table, i, cfg.vcpus);
             let kvm_cpuid = cpu::to_kvm(&entries).map_err(|e| VmError::Setup {
                 what: "CPUID",
                 err: e,
@@ -624,7 +635,7 @@ impl Machine {
         let apic_cfg = ApicConfig {
             bus_freq_hz: cfg.apic_bus_hz.max(1),
             tsc_freq_hz: u64::from(tsc_khz) * 1000,
-            x2apic_allowed: cfg.x2apic,
+            x2apic_allowed: x2apic,
             bsp: false,
             phys_addr_bits: phys_bits,
         };
