@@ -9,9 +9,7 @@
 //! set, and an engine created from the result gates the VP_INDEX MSR as the CPUID says.
 
 use arbitrary::{Result, Unstructured};
-use hyperv::config::{
-    Backend, CpuConfig, Feature, FeatureSet, HostInfo, MODELS, X86_FEATURES,
-};
+use hyperv::config::{Backend, CpuConfig, Feature, FeatureSet, HostInfo, MODELS, X86_FEATURES};
 use hyperv::cpuid::{build_report, for_vcpu, CpuidEntry, HostCpuid, FLAG_SIGNIFICANT_INDEX};
 use hyperv::{Engine, EngineConfig, HvCpuid, VpId};
 use tlfs::cpuid as leaf;
@@ -59,10 +57,26 @@ fn number(u: &mut Unstructured<'_>) -> Result<String> {
         4 => "99999999999999999999999".to_string(),
         5 => String::new(),
         6 => "0x".to_string(),
-        7 => format!("{}{}", v % 10_000, pick(u, &["k", "K", "M", "G", "T", "x", " "])?),
+        7 => format!(
+            "{}{}",
+            v % 10_000,
+            pick(u, &["k", "K", "M", "G", "T", "x", " "])?
+        ),
         8 => (v % 0x1_0000).to_string(),
-        9 => pick(u, &["4294967295", "4294967296", "2147483647", "-1", "0xFFFFFFFF", "65535", "65536", "256"])?
-            .to_string(),
+        9 => pick(
+            u,
+            &[
+                "4294967295",
+                "4294967296",
+                "2147483647",
+                "-1",
+                "0xFFFFFFFF",
+                "65535",
+                "65536",
+                "256",
+            ],
+        )?
+        .to_string(),
         10 => format!("{}", v % 0x1000),
         _ => format!(" {}", v % 100),
     })
@@ -130,7 +144,16 @@ fn item(u: &mut Unstructured<'_>) -> Result<String> {
         ),
         11 => format!(
             "vendor={}",
-            pick(u, &["GenuineIntel", "AuthenticAMD", "short", "waytoolongvendor", ""])?
+            pick(
+                u,
+                &[
+                    "GenuineIntel",
+                    "AuthenticAMD",
+                    "short",
+                    "waytoolongvendor",
+                    ""
+                ]
+            )?
         ),
         12 => String::new(),
         _ => text(u, 12)?,
@@ -184,7 +207,13 @@ pub fn synthetic_host(u: &mut Unstructured<'_>) -> Result<HostCpuid> {
         CpuidEntry::leaf(0x8000_0001, 0, 0, 0x121, 0x2C10_0800),
         CpuidEntry::leaf(0x8000_0007, 0, 0, 0, 0x100),
         CpuidEntry::leaf(0x8000_0008, 0x3027, 0, 0, 0),
-        CpuidEntry::leaf(leaf::HYPERVISOR_RANGE_START, leaf::KVM_CPUID_FEATURES, kb, kc, kd),
+        CpuidEntry::leaf(
+            leaf::HYPERVISOR_RANGE_START,
+            leaf::KVM_CPUID_FEATURES,
+            kb,
+            kc,
+            kd,
+        ),
         CpuidEntry::leaf(leaf::KVM_CPUID_FEATURES, 0x0100_7AFB, 0, 0, 0),
     ];
     let perturb: u8 = u.arbitrary()?;
@@ -203,7 +232,16 @@ pub fn synthetic_host(u: &mut Unstructured<'_>) -> Result<HostCpuid> {
         for _ in 0..n {
             let function = pick(
                 u,
-                &[0x2u32, 0x14, 0x1F, 0x20, 0x4000_0002, 0x4000_0100, 0x8000_0009, 0xFFFF_FFFF],
+                &[
+                    0x2u32,
+                    0x14,
+                    0x1F,
+                    0x20,
+                    0x4000_0002,
+                    0x4000_0100,
+                    0x8000_0009,
+                    0xFFFF_FFFF,
+                ],
             )?;
             let e = CpuidEntry {
                 function,
@@ -214,7 +252,10 @@ pub fn synthetic_host(u: &mut Unstructured<'_>) -> Result<HostCpuid> {
                 ecx: u.arbitrary()?,
                 edx: u.arbitrary()?,
             };
-            if !entries.iter().any(|x| x.function == e.function && x.index == e.index) {
+            if !entries
+                .iter()
+                .any(|x| x.function == e.function && x.index == e.index)
+            {
                 entries.push(e);
             }
         }
@@ -236,7 +277,11 @@ pub fn synthetic_host(u: &mut Unstructured<'_>) -> Result<HostCpuid> {
         entries,
         info: HostInfo {
             smt_active: u.arbitrary()?,
-            tsc_khz: if u.arbitrary()? { Some(u.arbitrary()?) } else { None },
+            tsc_khz: if u.arbitrary()? {
+                Some(u.arbitrary()?)
+            } else {
+                None
+            },
         },
         backend,
     })
@@ -245,7 +290,11 @@ pub fn synthetic_host(u: &mut Unstructured<'_>) -> Result<HostCpuid> {
 /// Parses `spec` and, on success, validates and builds it against `host`, checking the invariants.
 pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
     let parsed = CpuConfig::parse(spec);
-    assert_eq!(parsed, CpuConfig::parse(spec), "parsing {spec:?} is not deterministic");
+    assert_eq!(
+        parsed,
+        CpuConfig::parse(spec),
+        "parsing {spec:?} is not deterministic"
+    );
     let cfg = match parsed {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -253,7 +302,10 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
             return;
         }
     };
-    assert!(cfg.vendor_id.len() <= 12, "hv-vendor-id longer than 12 bytes");
+    assert!(
+        cfg.vendor_id.len() <= 12,
+        "hv-vendor-id longer than 12 bytes"
+    );
     let hyperv = cfg.hyperv_enabled();
     let validated = cfg.validate(&host.backend);
     let _ = cfg.migration_blockers();
@@ -265,7 +317,10 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
         }
     };
     if hyperv {
-        assert!(validated.is_ok(), "build of {spec:?} succeeded but validate failed: {validated:?}");
+        assert!(
+            validated.is_ok(),
+            "build of {spec:?} succeeded but validate failed: {validated:?}"
+        );
     }
     let e = &build.entries;
     for w in e.windows(2) {
@@ -279,17 +334,29 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
     assert_eq!(build.hyperv, hyperv, "report's hyperv flag for {spec:?}");
     let find = |f: u32| e.iter().find(|x| x.function == f && x.index == 0);
     let hv_sig = find(leaf::LEAF_INTERFACE).is_some_and(|x| x.eax == leaf::HV_INTERFACE_SIGNATURE);
-    assert_eq!(hv_sig, hyperv, "Hv#1 signature present = {hv_sig} for {spec:?}");
+    assert_eq!(
+        hv_sig, hyperv,
+        "Hv#1 signature present = {hv_sig} for {spec:?}"
+    );
     for f in leaf::LEAF_VENDOR_AND_MAX_FUNCTIONS..=leaf::LEAF_IMPLEMENT_LIMITS {
         if hyperv {
-            assert!(find(f).is_some(), "Hyper-V leaf {f:#x} missing for {spec:?}");
+            assert!(
+                find(f).is_some(),
+                "Hyper-V leaf {f:#x} missing for {spec:?}"
+            );
         }
     }
     if hyperv {
         let max = find(leaf::LEAF_VENDOR_AND_MAX_FUNCTIONS).map_or(0, |x| x.eax);
-        assert!(max >= leaf::LEAF_IMPLEMENT_LIMITS, "0x40000000.EAX = {max:#x} for {spec:?}");
+        assert!(
+            max >= leaf::LEAF_IMPLEMENT_LIMITS,
+            "0x40000000.EAX = {max:#x} for {spec:?}"
+        );
     } else {
-        assert!(build.features.is_empty(), "features without Hyper-V for {spec:?}");
+        assert!(
+            build.features.is_empty(),
+            "features without Hyper-V for {spec:?}"
+        );
     }
     assert_eq!(
         build.features.intersection(host.backend.supported()),
@@ -297,7 +364,11 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
         "features beyond the backend for {spec:?}"
     );
     let view = HvCpuid::from_entries(e);
-    assert_eq!(view.enabled(), hyperv, "engine view of identification for {spec:?}");
+    assert_eq!(
+        view.enabled(),
+        hyperv,
+        "engine view of identification for {spec:?}"
+    );
 
     // for_vcpu rewrites the topology leaves (0xB, 0x1F) with its own subleaves and keeps every other leaf.
     let per_vcpu = for_vcpu(e, apic_id, apic_id.saturating_add(1));
@@ -313,7 +384,11 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
             .map(|x| (x.function, x.index))
             .collect()
     };
-    assert_eq!(non_topo(&per_vcpu), non_topo(e), "for_vcpu changed the non-topology leaves");
+    assert_eq!(
+        non_topo(&per_vcpu),
+        non_topo(e),
+        "for_vcpu changed the non-topology leaves"
+    );
     for f in [0xBu32, 0x1F] {
         let had = e.iter().any(|x| x.function == f);
         let has = per_vcpu.iter().any(|x| x.function == f);
@@ -334,8 +409,12 @@ pub fn check_spec(spec: &str, host: &HostCpuid, apic_id: u32) {
 /// The whole target.
 pub fn run(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let Ok(mode) = u.arbitrary::<u8>() else { return };
-    let Ok(host) = synthetic_host(&mut u) else { return };
+    let Ok(mode) = u.arbitrary::<u8>() else {
+        return;
+    };
+    let Ok(host) = synthetic_host(&mut u) else {
+        return;
+    };
     let apic_id: u32 = u.arbitrary().unwrap_or(0);
     let spec = if mode & 1 == 0 {
         // Raw text: the rest of the input, lossily decoded.
@@ -347,4 +426,55 @@ pub fn run(data: &[u8]) {
         }
     };
     check_spec(&spec, &host, apic_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-written specs through the same checks: valid, invalid and odd spellings.
+    #[test]
+    fn spec_table_holds_invariants() {
+        let host = synthetic_host(&mut Unstructured::new(&[0; 64])).expect("host");
+        let table = [
+            "host",
+            "host,hv-relaxed,hv-vapic,hv-time,hv-vpindex,hv-synic,hv-stimer,hv-stimer-direct",
+            "host,hv-passthrough",
+            "host,hv-passthrough,hv-enforce-cpuid",
+            "host,hv-synic",
+            "host,hv_spinlocks=0x1fff,hv-vendor-id=abcdefghijklmnop",
+            "host,hv-evmcs",
+            "host,+hv-relaxed,hv-relaxed=off",
+            "qemu64,-hypervisor,+x2apic,kvm=off",
+            "max,tsc-frequency=2G,migratable=off,+invtsc",
+            "",
+            ",",
+            "nosuchmodel",
+            "host,hv-relaxed=maybe",
+        ];
+        for spec in table {
+            check_spec(spec, &host, 3);
+        }
+    }
+
+    /// Random inputs (raw and structured) never break an invariant, and some of them build with Hyper-V on.
+    #[test]
+    fn random_inputs_hold_invariants() {
+        let mut hyperv_builds = 0;
+        for data in crate::test_inputs(0xC0FFEE, 2000, 256) {
+            run(&data);
+            let mut u = Unstructured::new(&data[1..]);
+            if let (Ok(host), Ok(spec)) = (synthetic_host(&mut u), structured_spec(&mut u)) {
+                if let Ok(cfg) = CpuConfig::parse(&spec) {
+                    if build_report(&cfg, &host).is_ok_and(|b| b.hyperv) {
+                        hyperv_builds += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            hyperv_builds > 0,
+            "no structured spec built with Hyper-V on"
+        );
+    }
 }

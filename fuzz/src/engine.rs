@@ -134,6 +134,46 @@ const CODES: &[u16] = &[
 const MESSAGE_CONNECTIONS: &[u32] = &[1, 2, hc::CONNECTION_ID_MASK];
 const EVENT_CONNECTIONS: &[u32] = &[1, 3, hc::CONNECTION_ID_MASK];
 
+/// Counters of what the driver reached (for the harness's own tests and for tuning; relaxed atomics, cheap).
+pub mod stats {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// One counter per interesting outcome.
+    pub static MSR_WRITES_OK: AtomicU64 = AtomicU64::new(0);
+    pub static MSR_READS_OK: AtomicU64 = AtomicU64::new(0);
+    pub static HYPERCALLS_HV: AtomicU64 = AtomicU64::new(0);
+    pub static HYPERCALL_SUCCESS: AtomicU64 = AtomicU64::new(0);
+    pub static HANDLER_CALLS: AtomicU64 = AtomicU64::new(0);
+    pub static TIMER_EXPIRIES: AtomicU64 = AtomicU64::new(0);
+    pub static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+    pub static ENGINE_WRITES: AtomicU64 = AtomicU64::new(0);
+    pub static MESSAGES_POSTED: AtomicU64 = AtomicU64::new(0);
+    pub static RESETS: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot, by name.
+    pub fn snapshot() -> Vec<(&'static str, u64)> {
+        let all: [(&'static str, &AtomicU64); 10] = [
+            ("msr_writes_ok", &MSR_WRITES_OK),
+            ("msr_reads_ok", &MSR_READS_OK),
+            ("hypercalls_hv", &HYPERCALLS_HV),
+            ("hypercall_success", &HYPERCALL_SUCCESS),
+            ("handler_calls", &HANDLER_CALLS),
+            ("timer_expiries", &TIMER_EXPIRIES),
+            ("interrupts", &INTERRUPTS),
+            ("engine_writes", &ENGINE_WRITES),
+            ("messages_posted", &MESSAGES_POSTED),
+            ("resets", &RESETS),
+        ];
+        all.iter()
+            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// Which operations a target favours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Focus {
@@ -148,24 +188,65 @@ pub enum Focus {
 /// One step of a fuzz input.
 #[derive(Clone, Debug)]
 pub enum Op {
-    ReadMsr { vp: u32, index: u32 },
-    WriteMsr { vp: u32, index: u32, value: u64 },
-    Hypercall { vp: u32, regs: HypercallRegs },
+    ReadMsr {
+        vp: u32,
+        index: u32,
+    },
+    WriteMsr {
+        vp: u32,
+        index: u32,
+        value: u64,
+    },
+    /// A hypercall; `input` is stored at the input GPA first (the guest fills its input page, then calls).
+    Hypercall {
+        vp: u32,
+        regs: HypercallRegs,
+        input: Option<Vec<u8>>,
+    },
     /// The guest stores bytes into its memory.
-    Poke { gpa: u64, data: Vec<u8> },
+    Poke {
+        gpa: u64,
+        data: Vec<u8>,
+    },
     /// The guest clock moves forward; due timers fire as a VMM would fire them.
-    Advance { ticks: u64 },
+    Advance {
+        ticks: u64,
+    },
     /// A stale, early or unknown expiry report.
-    FireTimer { vp: u32, timer: u8 },
+    FireTimer {
+        vp: u32,
+        timer: u8,
+    },
     /// The VMM runs the queued VP work.
     RunWork,
-    RaiseSint { vp: u32, sint: u8 },
-    PostMessage { vp: u32, sint: u8, message_type: u32, payload: Vec<u8> },
-    SignalEventFlag { vp: u32, sint: u8, flag: u32 },
-    ApicEoi { vp: u32, vector: u8 },
-    IsAutoEoi { vp: u32, vector: u8 },
+    RaiseSint {
+        vp: u32,
+        sint: u8,
+    },
+    PostMessage {
+        vp: u32,
+        sint: u8,
+        message_type: u32,
+        payload: Vec<u8>,
+    },
+    SignalEventFlag {
+        vp: u32,
+        sint: u8,
+        flag: u32,
+    },
+    ApicEoi {
+        vp: u32,
+        vector: u8,
+    },
+    IsAutoEoi {
+        vp: u32,
+        vector: u8,
+    },
     /// Change what the registered connection handlers answer.
-    HandlerStatus { message: u16, event: u16 },
+    HandlerStatus {
+        message: u16,
+        event: u16,
+    },
     Reset,
     SaveRestore,
     Rebase,
@@ -178,12 +259,17 @@ struct MsgHandler {
 
 impl MessageConnection for MsgHandler {
     fn post_message(&self, vp: VpId, message_type: u32, payload: &[u8]) -> u16 {
-        assert!(vp.index() < self.vps, "PostMessage handler called for VP {}", vp.0);
+        assert!(
+            vp.index() < self.vps,
+            "PostMessage handler called for VP {}",
+            vp.0
+        );
         assert!(
             payload.len() <= hc::MESSAGE_PAYLOAD_MAX as usize,
             "PostMessage payload of {} bytes (type {message_type:#x})",
             payload.len()
         );
+        stats::bump(&stats::HANDLER_CALLS);
         self.status.load(Ordering::Relaxed)
     }
 }
@@ -195,7 +281,12 @@ struct EvtHandler {
 
 impl EventConnection for EvtHandler {
     fn signal_event(&self, vp: VpId) -> u16 {
-        assert!(vp.index() < self.vps, "SignalEvent handler called for VP {}", vp.0);
+        assert!(
+            vp.index() < self.vps,
+            "SignalEvent handler called for VP {}",
+            vp.0
+        );
+        stats::bump(&stats::HANDLER_CALLS);
         self.status.load(Ordering::Relaxed)
     }
 }
@@ -220,7 +311,9 @@ fn pick<T: Copy>(u: &mut Unstructured<'_>, items: &[T]) -> Result<T> {
 fn gpa(u: &mut Unstructured<'_>) -> Result<u64> {
     Ok(match u.int_in_range(0u8..=9)? {
         0..=3 => u.int_in_range(0..=RAM_PAGES + 2)? * PAGE_SIZE,
-        4 => u.int_in_range(0..=RAM_PAGES + 2)? * PAGE_SIZE + u64::from(u.int_in_range(0u16..=4095)?),
+        4 => {
+            u.int_in_range(0..=RAM_PAGES + 2)? * PAGE_SIZE + u64::from(u.int_in_range(0u16..=4095)?)
+        }
         5 => pick(
             u,
             &[
@@ -231,13 +324,16 @@ fn gpa(u: &mut Unstructured<'_>) -> Result<u64> {
                 RAM_END - PAGE_SIZE,
                 RAM_END,
                 PAGE_SIZE - 8,
-                u64::MAX & !(PAGE_SIZE - 1),
+                !(PAGE_SIZE - 1),
                 u64::MAX - 7,
                 1 << 52,
                 (1 << 52) - PAGE_SIZE,
             ],
         )?,
-        6 => u.int_in_range(0..=RAM_PAGES)? * PAGE_SIZE + PAGE_SIZE - u64::from(u.int_in_range(1u8..=16)?),
+        6 => {
+            u.int_in_range(0..=RAM_PAGES)? * PAGE_SIZE + PAGE_SIZE
+                - u64::from(u.int_in_range(1u8..=16)?)
+        }
         _ => u.arbitrary()?,
     })
 }
@@ -257,7 +353,11 @@ fn sint_value(u: &mut Unstructured<'_>) -> Result<u64> {
     if u.ratio(1, 8)? {
         return u.arbitrary();
     }
-    let vector = if u.ratio(1, 4)? { u.int_in_range(0u8..=15)? } else { u.arbitrary()? };
+    let vector = if u.ratio(1, 4)? {
+        u.int_in_range(0u8..=15)?
+    } else {
+        u.arbitrary()?
+    };
     let masked = u.ratio(1, 4)?;
     let auto_eoi = u.arbitrary::<bool>()?;
     let polling = u.ratio(1, 8)?;
@@ -306,7 +406,7 @@ fn msr_value(u: &mut Unstructured<'_>, index: u32) -> Result<u64> {
         }
         msr::SINT0..=msr::SINT15 => sint_value(u)?,
         msr::STIMER0_CONFIG..=msr::STIMER3_COUNT => {
-            if (index - msr::STIMER0_CONFIG) % 2 == 0 {
+            if (index - msr::STIMER0_CONFIG).is_multiple_of(2) {
                 stimer_config_value(u)?
             } else {
                 count_value(u)?
@@ -327,7 +427,16 @@ fn msr_index(u: &mut Unstructured<'_>, focus: Focus) -> Result<u32> {
     let synic_bias = if focus == Focus::SynicStimer { 6 } else { 2 };
     Ok(match u.int_in_range(0u8..=9)? {
         n if n < synic_bias => match u.int_in_range(0u8..=2)? {
-            0 => pick(u, &[msr::SCONTROL, msr::SVERSION, msr::SIEFP, msr::SIMP, msr::EOM])?,
+            0 => pick(
+                u,
+                &[
+                    msr::SCONTROL,
+                    msr::SVERSION,
+                    msr::SIEFP,
+                    msr::SIMP,
+                    msr::EOM,
+                ],
+            )?,
             1 => msr::SINT0 + u.int_in_range(0u32..=15)?,
             _ => msr::STIMER0_CONFIG + u.int_in_range(0u32..=7)?,
         },
@@ -350,7 +459,11 @@ fn control_word(u: &mut Unstructured<'_>) -> Result<u64> {
     if u.ratio(1, 10)? {
         return u.arbitrary();
     }
-    let code = if u.ratio(1, 8)? { u.arbitrary()? } else { pick(u, CODES)? };
+    let code = if u.ratio(1, 8)? {
+        u.arbitrary()?
+    } else {
+        pick(u, CODES)?
+    };
     let rep = pick(u, &[0u16, 0, 0, 1, 2, 64, 0xFFF])?;
     let rep_start = pick(u, &[0u16, 0, 0, 0, 1, 0xFFF])?;
     let var = pick(u, &[0u16, 0, 0, 1, 2, 0x3FF])?;
@@ -369,69 +482,73 @@ fn control_word(u: &mut Unstructured<'_>) -> Result<u64> {
     Ok(c | reserved)
 }
 
-/// Bytes for a hypercall input block: a PostMessage block, a SignalEvent parameter or a list of u64 words.
-fn input_block(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
-    Ok(match u.int_in_range(0u8..=3)? {
-        0 => {
-            let mut b = Vec::with_capacity(hc::POST_MESSAGE_INPUT_SIZE);
-            let conn = match u.int_in_range(0u8..=3)? {
-                0 => 1,
-                1 => pick(u, MESSAGE_CONNECTIONS)? | (u32::from(u.arbitrary::<u8>()?) << 24),
-                2 => pick(u, MESSAGE_CONNECTIONS)?,
-                _ => u.arbitrary()?,
-            };
-            b.extend_from_slice(&conn.to_le_bytes());
-            b.extend_from_slice(&pick(u, &[0u32, 0, 1])?.to_le_bytes());
-            b.extend_from_slice(&pick(u, &[1u32, 0, 0x8000_0000, 0xFFFF_FFFF])?.to_le_bytes());
-            let size = match u.int_in_range(0u8..=3)? {
-                0 => u.int_in_range(0u32..=240)?,
-                1 => pick(u, &[0u32, 240, 241, 256, u32::MAX])?,
-                _ => u.arbitrary()?,
-            };
-            b.extend_from_slice(&size.to_le_bytes());
-            let fill: u8 = u.arbitrary()?;
-            b.resize(hc::POST_MESSAGE_INPUT_SIZE, fill);
-            b
-        }
-        1 => {
-            let conn = pick(u, EVENT_CONNECTIONS)?;
-            let flag = pick(u, &[0u64, 0, 0, 1, 0xFFFF])?;
-            let reserved = pick(u, &[0u64, 0, 0, 1])?;
-            let v = if u.ratio(1, 6)? {
-                u.arbitrary()?
-            } else {
-                u64::from(conn) | (flag << 32) | (reserved << 48)
-            };
-            v.to_le_bytes().to_vec()
-        }
-        _ => {
-            let n = u.int_in_range(1usize..=40)?;
-            let mut b = Vec::with_capacity(n * 8);
-            for _ in 0..n {
-                let w = match u.int_in_range(0u8..=5)? {
-                    0 => 0,
-                    1 => u64::MAX,
-                    2 => 1,
-                    3 => u.int_in_range(0u64..=70)?,
-                    _ => u.arbitrary()?,
-                };
-                b.extend_from_slice(&w.to_le_bytes());
-            }
-            b
-        }
+fn post_message_block(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    let mut b = Vec::with_capacity(hc::POST_MESSAGE_INPUT_SIZE);
+    let conn = match u.int_in_range(0u8..=3)? {
+        0 => 1,
+        1 => pick(u, MESSAGE_CONNECTIONS)? | (u32::from(u.arbitrary::<u8>()?) << 24),
+        2 => pick(u, MESSAGE_CONNECTIONS)?,
+        _ => u.arbitrary()?,
+    };
+    b.extend_from_slice(&conn.to_le_bytes());
+    b.extend_from_slice(&pick(u, &[0u32, 0, 1])?.to_le_bytes());
+    b.extend_from_slice(&pick(u, &[1u32, 0, 0x8000_0000, 0xFFFF_FFFF])?.to_le_bytes());
+    let size = match u.int_in_range(0u8..=3)? {
+        0 | 1 => u.int_in_range(0u32..=240)?,
+        2 => pick(u, &[0u32, 240, 241, 256, u32::MAX])?,
+        _ => u.arbitrary()?,
+    };
+    b.extend_from_slice(&size.to_le_bytes());
+    let fill: u8 = u.arbitrary()?;
+    b.resize(hc::POST_MESSAGE_INPUT_SIZE, fill);
+    Ok(b)
+}
+
+fn signal_event_param(u: &mut Unstructured<'_>) -> Result<u64> {
+    let conn = pick(u, EVENT_CONNECTIONS)?;
+    let flag = pick(u, &[0u64, 0, 0, 1, 0xFFFF])?;
+    let reserved = pick(u, &[0u64, 0, 0, 1])?;
+    Ok(if u.ratio(1, 6)? {
+        u.arbitrary()?
+    } else {
+        u64::from(conn) | (flag << 32) | (reserved << 48)
     })
 }
 
-fn hypercall_regs(u: &mut Unstructured<'_>) -> Result<HypercallRegs> {
-    let mode = match u.int_in_range(0u8..=9)? {
-        0 => CpuMode::Real,
-        1 | 2 => CpuMode::Protected32,
-        _ => CpuMode::Long64,
-    };
-    let cpl = if u.ratio(1, 10)? { pick(u, &[1u8, 2, 3, 0xFF])? } else { 0 };
-    let control = control_word(u)?;
-    let input = gpa(u)?;
-    let output = gpa(u)?;
+/// A list of u64 words (processor masks, VP-set headers and banks, GVA lists).
+fn words(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    let n = u.int_in_range(1usize..=40)?;
+    let mut b = Vec::with_capacity(n * 8);
+    for _ in 0..n {
+        let w = match u.int_in_range(0u8..=5)? {
+            0 => 0,
+            1 => u64::MAX,
+            2 => 1,
+            3 => u.int_in_range(0u64..=70)?,
+            _ => u.arbitrary()?,
+        };
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    Ok(b)
+}
+
+/// Bytes for a hypercall input block: a PostMessage block, a SignalEvent parameter or a list of u64 words.
+fn input_block(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    match u.int_in_range(0u8..=3)? {
+        0 => post_message_block(u),
+        1 => Ok(signal_event_param(u)?.to_le_bytes().to_vec()),
+        _ => words(u),
+    }
+}
+
+fn regs_for(
+    u: &mut Unstructured<'_>,
+    mode: CpuMode,
+    cpl: u8,
+    control: u64,
+    input: u64,
+    output: u64,
+) -> Result<HypercallRegs> {
     let mut regs = HypercallRegs {
         mode,
         cpl,
@@ -468,6 +585,100 @@ fn hypercall_regs(u: &mut Unstructured<'_>) -> Result<HypercallRegs> {
     Ok(regs)
 }
 
+/// The input GPA of a register snapshot, in its mode's convention.
+fn input_gpa(regs: &HypercallRegs) -> u64 {
+    match regs.mode {
+        CpuMode::Protected32 => ((regs.rbx & 0xFFFF_FFFF) << 32) | (regs.rcx & 0xFFFF_FFFF),
+        _ => regs.rdx,
+    }
+}
+
+/// A hypercall: half the time a well-formed call of an implemented (or planned) code with a matching input
+/// block in RAM, otherwise arbitrary registers.
+fn hypercall_op(u: &mut Unstructured<'_>, vps: usize) -> Result<Op> {
+    let vp = vp_arg(u, vps)?;
+    if u.ratio(1, 2)? {
+        let mode = if u.ratio(1, 5)? {
+            CpuMode::Protected32
+        } else {
+            CpuMode::Long64
+        };
+        let page = pick(u, &[0u64, 7, 14, 15])? * PAGE_SIZE + 8 * u.int_in_range(0u64..=3)?;
+        let (code, fast, input, block) = match u.int_in_range(0u8..=5)? {
+            0 | 1 => (hc::POST_MESSAGE, false, page, Some(post_message_block(u)?)),
+            2 => (
+                hc::SIGNAL_EVENT,
+                false,
+                page,
+                Some(signal_event_param(u)?.to_le_bytes().to_vec()),
+            ),
+            3 => (hc::SIGNAL_EVENT, true, signal_event_param(u)?, None),
+            4 => (hc::NOTIFY_LONG_SPIN_WAIT, false, 0, None),
+            _ => {
+                let code = pick(
+                    u,
+                    &[
+                        hc::FLUSH_VIRTUAL_ADDRESS_SPACE,
+                        hc::FLUSH_VIRTUAL_ADDRESS_LIST,
+                        hc::SEND_SYNTHETIC_CLUSTER_IPI,
+                        hc::FLUSH_VIRTUAL_ADDRESS_SPACE_EX,
+                        hc::FLUSH_VIRTUAL_ADDRESS_LIST_EX,
+                        hc::SEND_SYNTHETIC_CLUSTER_IPI_EX,
+                    ],
+                )?;
+                let fast = u.ratio(1, 3)?;
+                let input = if fast { u.arbitrary()? } else { page };
+                (code, fast, input, Some(words(u)?))
+            }
+        };
+        let rep = match code {
+            hc::FLUSH_VIRTUAL_ADDRESS_LIST | hc::FLUSH_VIRTUAL_ADDRESS_LIST_EX => {
+                pick(u, &[1u16, 2, 16, 0xFFF])?
+            }
+            _ => 0,
+        };
+        let var = match code {
+            hc::FLUSH_VIRTUAL_ADDRESS_SPACE_EX
+            | hc::FLUSH_VIRTUAL_ADDRESS_LIST_EX
+            | hc::SEND_SYNTHETIC_CLUSTER_IPI_EX => pick(u, &[0u16, 1, 2, 8])?,
+            _ => 0,
+        };
+        let control = hc::Control::new()
+            .with_code(code)
+            .with_fast(fast)
+            .with_rep_count(rep)
+            .with_var_header_size(var)
+            .into_bits();
+        let output = pick(u, &[0u64, 13 * PAGE_SIZE, RAM_END])?;
+        let regs = regs_for(u, mode, 0, control, input, output)?;
+        return Ok(Op::Hypercall {
+            vp,
+            regs,
+            input: block,
+        });
+    }
+    let mode = match u.int_in_range(0u8..=9)? {
+        0 => CpuMode::Real,
+        1 | 2 => CpuMode::Protected32,
+        _ => CpuMode::Long64,
+    };
+    let cpl = if u.ratio(1, 10)? {
+        pick(u, &[1u8, 2, 3, 0xFF])?
+    } else {
+        0
+    };
+    let control = control_word(u)?;
+    let input = gpa(u)?;
+    let output = gpa(u)?;
+    let regs = regs_for(u, mode, cpl, control, input, output)?;
+    let input = if u.ratio(1, 2)? {
+        Some(input_block(u)?)
+    } else {
+        None
+    };
+    Ok(Op::Hypercall { vp, regs, input })
+}
+
 /// Draws the next operation with the focus's weights.
 pub fn next_op(u: &mut Unstructured<'_>, focus: Focus, vps: usize) -> Result<Op> {
     // Weights: [read, write, hypercall, poke, advance, fire, work, device, reset, save/restore, rebase, status]
@@ -499,10 +710,7 @@ pub fn next_op(u: &mut Unstructured<'_>, focus: Focus, vps: usize) -> Result<Op>
                 value: msr_value(u, index)?,
             }
         }
-        2 => Op::Hypercall {
-            vp: vp_arg(u, vps)?,
-            regs: hypercall_regs(u)?,
-        },
+        2 => hypercall_op(u, vps)?,
         3 => {
             let at = gpa(u)?;
             let data = if u.ratio(1, 2)? {
@@ -525,12 +733,20 @@ pub fn next_op(u: &mut Unstructured<'_>, focus: Focus, vps: usize) -> Result<Op>
         },
         5 => Op::FireTimer {
             vp: vp_arg(u, vps)?,
-            timer: if u.ratio(1, 8)? { u.arbitrary()? } else { u.int_in_range(0u8..=3)? },
+            timer: if u.ratio(1, 8)? {
+                u.arbitrary()?
+            } else {
+                u.int_in_range(0u8..=3)?
+            },
         },
         6 => Op::RunWork,
         7 => {
             let vp = vp_arg(u, vps)?;
-            let sint = if u.ratio(1, 10)? { u.arbitrary()? } else { u.int_in_range(0u8..=15)? };
+            let sint = if u.ratio(1, 10)? {
+                u.arbitrary()?
+            } else {
+                u.int_in_range(0u8..=15)?
+            };
             match u.int_in_range(0u8..=4)? {
                 0 => Op::RaiseSint { vp, sint },
                 1 => {
@@ -658,11 +874,15 @@ impl Harness {
             };
             assert!(engine.register_event_connection(id, Arc::new(h)).is_ok());
         }
-        assert!(engine.register_message_connection(1 << 24, Arc::new(MsgHandler {
-            vps,
-            status: message_status.clone(),
-        }))
-        .is_err());
+        assert!(engine
+            .register_message_connection(
+                1 << 24,
+                Arc::new(MsgHandler {
+                    vps,
+                    status: message_status.clone(),
+                })
+            )
+            .is_err());
         let mut h = Harness {
             engine,
             config,
@@ -686,21 +906,25 @@ impl Harness {
     /// A guest set-up the fuzzer would take long to discover: identification, hypercall page, SynIC pages and
     /// unmasked SINTs, reference TSC page. Chosen per input by a bit mask and applied as ordinary checked steps.
     fn prologue(&mut self, u: &mut Unstructured<'_>, focus: Focus) -> Result<()> {
-        let mask: u8 = if focus == Focus::Msr { u.int_in_range(0u8..=3)? } else { u.arbitrary()? };
+        let mask: u8 = if focus == Focus::Msr {
+            u.int_in_range(0u8..=3)?
+        } else {
+            u.arbitrary()?
+        };
         let mut ops = Vec::new();
         if mask & 1 != 0 {
             ops.push((0, msr::GUEST_OS_ID, 0x8100_0000_0000_0000));
             ops.push((0, msr::HYPERCALL, PAGE_SIZE | 1));
         }
         if mask & 2 != 0 {
-            ops.push((0, msr::REFERENCE_TSC, 15 * PAGE_SIZE | 1));
+            ops.push((0, msr::REFERENCE_TSC, (15 * PAGE_SIZE) | 1));
         }
         for vp in 0..self.vps as u32 {
             let vpu = u64::from(vp);
             if mask & 4 != 0 {
                 ops.push((vp, msr::SCONTROL, 1));
-                ops.push((vp, msr::SIMP, (2 + vpu) * PAGE_SIZE | 1));
-                ops.push((vp, msr::SIEFP, (10 + vpu) * PAGE_SIZE | 1));
+                ops.push((vp, msr::SIMP, ((2 + vpu) * PAGE_SIZE) | 1));
+                ops.push((vp, msr::SIEFP, ((10 + vpu) * PAGE_SIZE) | 1));
             }
             if mask & 8 != 0 {
                 for s in 0..4u32 {
@@ -712,7 +936,7 @@ impl Harness {
                 }
             }
             if mask & 16 != 0 {
-                ops.push((vp, msr::VP_ASSIST_PAGE, 14 * PAGE_SIZE | 1));
+                ops.push((vp, msr::VP_ASSIST_PAGE, (14 * PAGE_SIZE) | 1));
             }
             if mask & 32 != 0 {
                 let cfg = msr::StimerConfig::new()
@@ -760,7 +984,12 @@ impl Harness {
         match op {
             Op::ReadMsr { vp, index } => self.read_msr(vp, index),
             Op::WriteMsr { vp, index, value } => self.write_msr(vp, index, value),
-            Op::Hypercall { vp, regs } => self.hypercall(vp, regs),
+            Op::Hypercall { vp, regs, input } => {
+                if let Some(data) = input {
+                    self.platform().guest_write(input_gpa(&regs), &data);
+                }
+                self.hypercall(vp, regs)
+            }
             Op::Poke { gpa, data } => self.platform().guest_write(gpa, &data),
             Op::Advance { ticks } => {
                 self.platform().advance(ticks);
@@ -785,7 +1014,10 @@ impl Harness {
             Op::RaiseSint { vp, sint } => {
                 let r = self.engine.raise_sint(VpId(vp), sint);
                 if !self.valid_vp(vp) || !self.config.synic || sint >= 16 {
-                    assert!(r.is_err(), "raise_sint({vp}, {sint}) on a missing target: {r:?}");
+                    assert!(
+                        r.is_err(),
+                        "raise_sint({vp}, {sint}) on a missing target: {r:?}"
+                    );
                 }
             }
             Op::PostMessage {
@@ -795,12 +1027,18 @@ impl Harness {
                 payload,
             } => {
                 let n0 = self.platform().interrupts_total();
-                let r = self.engine.post_message(VpId(vp), sint, message_type, &payload);
+                let r = self
+                    .engine
+                    .post_message(VpId(vp), sint, message_type, &payload);
                 if !self.valid_vp(vp) || !self.config.synic || sint >= 16 || payload.len() > 240 {
-                    assert!(r.is_err(), "post_message to a missing target or too long: {r:?}");
+                    assert!(
+                        r.is_err(),
+                        "post_message to a missing target or too long: {r:?}"
+                    );
                 }
                 let n = self.platform().interrupts_total() - n0;
                 if r.is_ok() {
+                    stats::bump(&stats::MESSAGES_POSTED);
                     assert_eq!(n, 1, "a posted message raised {n} interrupts");
                 }
             }
@@ -850,7 +1088,14 @@ impl Harness {
         self.check_memory(&before, &after, &log);
         self.check_interrupts(&before, &after, &log);
         self.check_timers(&after);
+        for _ in &log.interrupts {
+            stats::bump(&stats::INTERRUPTS);
+        }
+        for _ in log.accesses.iter().filter(|a| a.mutated) {
+            stats::bump(&stats::ENGINE_WRITES);
+        }
         if reset_requested {
+            stats::bump(&stats::RESETS);
             self.engine.reset();
             reset_done = true;
             drop(self.platform().take_log());
@@ -873,6 +1118,7 @@ impl Harness {
         let r = self.engine.read_msr(VpId(vp), index);
         self.check_msr_gating("read", vp, index, r.is_ok());
         if let Ok(v) = r {
+            stats::bump(&stats::MSR_READS_OK);
             match index {
                 msr::VP_INDEX => assert_eq!(
                     v,
@@ -890,6 +1136,9 @@ impl Harness {
     fn write_msr(&mut self, vp: u32, index: u32, value: u64) {
         let r = self.engine.write_msr(VpId(vp), index, value);
         self.check_msr_gating("write", vp, index, r.is_ok());
+        if r.is_ok() {
+            stats::bump(&stats::MSR_WRITES_OK);
+        }
         if r.is_ok() && is_plain_storage(index) {
             let back = self.engine.read_msr(VpId(vp), index);
             assert_eq!(
@@ -904,7 +1153,10 @@ impl Harness {
         if !ok {
             return;
         }
-        assert!(self.valid_vp(vp), "{what} of MSR {index:#x} succeeded on missing VP {vp}");
+        assert!(
+            self.valid_vp(vp),
+            "{what} of MSR {index:#x} succeeded on missing VP {vp}"
+        );
         assert!(
             self.config.cpuid.enabled(),
             "{what} of MSR {index:#x} succeeded with Hyper-V identification off"
@@ -915,7 +1167,10 @@ impl Harness {
         );
         let synic_msr = matches!(index, msr::SCONTROL..=msr::EOM | msr::SINT0..=msr::SINT15);
         if synic_msr {
-            assert!(self.config.synic, "{what} of SynIC MSR {index:#x} without SynIC");
+            assert!(
+                self.config.synic,
+                "{what} of SynIC MSR {index:#x} without SynIC"
+            );
         }
         if self.config.enforce_cpuid {
             let a = |bit: u32| self.config.cpuid.features_eax & bit != 0;
@@ -931,7 +1186,10 @@ impl Harness {
                 }
                 _ => true,
             };
-            assert!(gated, "{what} of MSR {index:#x} passed hv-enforce-cpuid without its CPUID bit");
+            assert!(
+                gated,
+                "{what} of MSR {index:#x} passed hv-enforce-cpuid without its CPUID bit"
+            );
         }
     }
 
@@ -942,7 +1200,10 @@ impl Harness {
         }
         let out = self.engine.hypercall(VpId(vp), &regs);
         let (control, long) = match regs.mode {
-            CpuMode::Protected32 => (((regs.rdx & 0xFFFF_FFFF) << 32) | (regs.rax & 0xFFFF_FFFF), false),
+            CpuMode::Protected32 => (
+                ((regs.rdx & 0xFFFF_FFFF) << 32) | (regs.rax & 0xFFFF_FFFF),
+                false,
+            ),
             _ => (regs.rcx, true),
         };
         let c = hc::Control::from_bits(control);
@@ -967,32 +1228,55 @@ impl Harness {
                     if enabled && self.valid_vp(vp) {
                         assert!(w.rdx.is_some(), "32-bit hypercall result without EDX");
                     }
-                    assert!(w.rax <= 0xFFFF_FFFF && hi <= 0xFFFF_FFFF, "32-bit result halves {w:?}");
+                    assert!(
+                        w.rax <= 0xFFFF_FFFF && hi <= 0xFFFF_FFFF,
+                        "32-bit result halves {w:?}"
+                    );
                     (hi << 32) | w.rax
                 };
                 if !enabled || !self.valid_vp(vp) {
-                    let m = if regs.mode == CpuMode::Long64 { u64::MAX } else { 0xFFFF_FFFF };
+                    let m = if regs.mode == CpuMode::Long64 {
+                        u64::MAX
+                    } else {
+                        0xFFFF_FFFF
+                    };
                     assert!(
                         result == KVM_ENOSYS_RESULT & m || result == KVM_EPERM_RESULT & m,
                         "KVM hypercall result {result:#x}"
                     );
                     return;
                 }
-                assert!(regs.cpl == 0 && regs.mode != CpuMode::Real, "hypercall completed at CPL {}", regs.cpl);
+                assert!(
+                    regs.cpl == 0 && regs.mode != CpuMode::Real,
+                    "hypercall completed at CPL {}",
+                    regs.cpl
+                );
+                stats::bump(&stats::HYPERCALLS_HV);
                 let r = hc::HypercallResult::from_bits(result);
                 assert!(
                     TLFS_STATUSES.contains(&r.status()),
                     "status {:#x} outside the TLFS set (control {control:#x})",
                     r.status()
                 );
-                assert_eq!(r.reserved1(), 0, "reserved result bits 31:16 in {result:#x}");
-                assert_eq!(r.reserved2(), 0, "reserved result bits 63:44 in {result:#x}");
+                assert_eq!(
+                    r.reserved1(),
+                    0,
+                    "reserved result bits 31:16 in {result:#x}"
+                );
+                assert_eq!(
+                    r.reserved2(),
+                    0,
+                    "reserved result bits 63:44 in {result:#x}"
+                );
                 assert!(
                     r.reps_completed() <= c.rep_count(),
                     "{} reps completed of {} (control {control:#x})",
                     r.reps_completed(),
                     c.rep_count()
                 );
+                if r.status() == hc::STATUS_SUCCESS {
+                    stats::bump(&stats::HYPERCALL_SUCCESS);
+                }
                 if control & hc::CONTROL_RESERVED_MASK != 0 && !self.config.enforce_cpuid {
                     assert_eq!(r.status(), hc::STATUS_INVALID_HYPERCALL_INPUT);
                 }
@@ -1010,6 +1294,7 @@ impl Harness {
                 break;
             }
             for (vp, t) in due {
+                stats::bump(&stats::TIMER_EXPIRIES);
                 self.engine.timer_expired(vp, t);
             }
         }
@@ -1019,7 +1304,11 @@ impl Harness {
         let s1 = self.engine.save();
         let json = serde_json::to_string(&s1).unwrap_or_default();
         let parsed: Option<EngineState> = serde_json::from_str(&json).ok();
-        assert_eq!(parsed.as_ref(), Some(&s1), "EngineState does not survive JSON");
+        assert_eq!(
+            parsed.as_ref(),
+            Some(&s1),
+            "EngineState does not survive JSON"
+        );
         let r = self.engine.restore(&s1);
         assert!(r.is_ok(), "restoring a fresh save failed: {r:?}");
         let s2 = self.engine.save();
@@ -1031,7 +1320,11 @@ impl Harness {
         let mut bad = s1.clone();
         bad.vps.pop();
         assert!(self.engine.restore(&bad).is_err());
-        assert_eq!(self.engine.save(), s1, "a refused restore changed the state");
+        assert_eq!(
+            self.engine.save(),
+            s1,
+            "a refused restore changed the state"
+        );
     }
 
     fn check_memory(&self, before: &EngineState, after: &EngineState, log: &Log) {
@@ -1056,7 +1349,9 @@ impl Harness {
                 a.len
             );
             assert!(
-                log.dirty.iter().any(|&(g, l)| g <= a.gpa && a.gpa + a.len <= g.saturating_add(l)),
+                log.dirty
+                    .iter()
+                    .any(|&(g, l)| g <= a.gpa && a.gpa + a.len <= g.saturating_add(l)),
                 "engine write {:#x}+{:#x} not marked dirty (dirty: {:#x?})",
                 a.gpa,
                 a.len,
@@ -1103,7 +1398,10 @@ impl Harness {
                         t.exp_time
                     );
                 } else {
-                    assert!(armed.is_none(), "stimer {n} of VP {i} not armed but the platform has {armed:?}");
+                    assert!(
+                        armed.is_none(),
+                        "stimer {n} of VP {i} not armed but the platform has {armed:?}"
+                    );
                 }
             }
         }
@@ -1123,6 +1421,35 @@ impl Harness {
                 );
             }
             self.last_ref[i] = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random inputs hold every invariant and reach the deep states the targets are for.
+    #[test]
+    fn random_inputs_reach_deep_states() {
+        let table = [
+            (Focus::Msr, "msr_writes_ok"),
+            (Focus::Hypercall, "hypercall_success"),
+            (Focus::Hypercall, "handler_calls"),
+            (Focus::SynicStimer, "timer_expiries"),
+            (Focus::SynicStimer, "messages_posted"),
+            (Focus::SynicStimer, "interrupts"),
+        ];
+        for (i, (focus, counter)) in table.iter().enumerate() {
+            let before = stats::snapshot();
+            for data in crate::test_inputs(0x9E37_79B9 + i as u64, 300, 2048) {
+                Harness::run(&data, *focus);
+            }
+            let after = stats::snapshot();
+            let get = |s: &[(&str, u64)]| s.iter().find(|(n, _)| n == counter).map_or(0, |x| x.1);
+            let reached = get(&after) - get(&before);
+            println!("{focus:?}: {counter} += {reached}; totals {after:?}");
+            assert!(reached > 0, "{focus:?} never reached {counter}");
         }
     }
 }

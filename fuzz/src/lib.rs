@@ -13,3 +13,21 @@ pub mod cpu;
 pub mod engine;
 pub mod platform;
 pub mod qmp_stream;
+
+/// Deterministic pseudo-random inputs (xorshift64*) for the harnesses' own tests.
+#[cfg(test)]
+pub(crate) fn test_inputs(seed: u64, n: usize, len: usize) -> Vec<Vec<u8>> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x ^= x >> 12;
+                    x ^= x << 25;
+                    x ^= x >> 27;
+                    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+                })
+                .collect()
+        })
+        .collect()
+}

@@ -151,10 +151,8 @@ impl FuzzPlatform {
     pub fn advance(&self, ticks: u64) {
         let mut inner = self.lock();
         inner.tsc = inner.tsc.saturating_add(ticks);
-        let ns = u64::try_from(
-            u128::from(ticks) * 1_000_000_000 / u128::from(self.tsc_hz.max(1)),
-        )
-        .unwrap_or(u64::MAX);
+        let ns = u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(self.tsc_hz.max(1)))
+            .unwrap_or(u64::MAX);
         for r in inner.runtime_ns.iter_mut() {
             *r = r.saturating_add(ns);
         }
@@ -200,7 +198,15 @@ impl FuzzPlatform {
         std::mem::take(&mut self.lock().log)
     }
 
-    fn log_access(&self, inner: &mut Inner, kind: AccessKind, gpa: u64, len: u64, ok: bool, mutated: bool) {
+    fn log_access(
+        &self,
+        inner: &mut Inner,
+        kind: AccessKind,
+        gpa: u64,
+        len: u64,
+        ok: bool,
+        mutated: bool,
+    ) {
         assert!(
             len <= MAX_ACCESS,
             "engine made a {kind:?} of {len:#x} bytes at {gpa:#x} (more than a page)"

@@ -43,10 +43,16 @@ impl QmpHandler for Vm {
         ]
     }
 
-    fn execute(&self, command: &str, args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
+    fn execute(
+        &self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> std::result::Result<Value, QmpError> {
         match command {
             "stop" | "cont" | "system_reset" | "quit" => Ok(qmp::empty_return()),
-            "query-status" => Ok(json!({"status": "running", "singlestep": false, "running": true})),
+            "query-status" => {
+                Ok(json!({"status": "running", "singlestep": false, "running": true}))
+            }
             "human-monitor-command" => Ok(Value::String(String::new())),
             "x-typed" => Ok(Value::Object(args.clone())),
             other => Err(QmpError::command_not_found(other)),
@@ -72,7 +78,10 @@ const COMMANDS: &[&str] = &[
 fn check_reply(reply: &str, frame: &Frame) -> Value {
     assert!(reply.ends_with("\r\n"), "reply without CRLF: {reply:?}");
     let body = &reply[..reply.len() - 2];
-    assert!(!body.contains('\n') && !body.contains('\r'), "multi-line reply: {reply:?}");
+    assert!(
+        !body.contains('\n') && !body.contains('\r'),
+        "multi-line reply: {reply:?}"
+    );
     let v: Value = match serde_json::from_str(body) {
         Ok(v) => v,
         Err(e) => panic!("reply is not JSON ({e}): {reply:?} for {frame:?}"),
@@ -82,29 +91,53 @@ fn check_reply(reply: &str, frame: &Frame) -> Value {
     };
     let has_return = obj.contains_key("return");
     let has_error = obj.contains_key("error");
-    assert!(has_return != has_error, "reply must have exactly one of return/error: {reply:?}");
+    assert!(
+        has_return != has_error,
+        "reply must have exactly one of return/error: {reply:?}"
+    );
     for k in obj.keys() {
-        assert!(matches!(k.as_str(), "return" | "error" | "id"), "unexpected member {k} in {reply:?}");
+        assert!(
+            matches!(k.as_str(), "return" | "error" | "id"),
+            "unexpected member {k} in {reply:?}"
+        );
     }
     if let Some(err) = obj.get("error") {
-        assert!(err.get("class").is_some_and(Value::is_string), "error without class: {reply:?}");
-        assert!(err.get("desc").is_some_and(Value::is_string), "error without desc: {reply:?}");
+        assert!(
+            err.get("class").is_some_and(Value::is_string),
+            "error without class: {reply:?}"
+        );
+        assert!(
+            err.get("desc").is_some_and(Value::is_string),
+            "error without desc: {reply:?}"
+        );
     }
     if matches!(frame, Frame::Error(_)) {
-        assert!(has_error, "an unparsable frame got a success reply: {reply:?}");
+        assert!(
+            has_error,
+            "an unparsable frame got a success reply: {reply:?}"
+        );
     }
     v
 }
 
 /// Feeds `data` in the given chunk sizes; returns (frames, replies).
-fn feed(data: &[u8], chunks: &[usize], max_bytes: usize, session: &mut Session) -> (Vec<Frame>, Vec<Value>) {
+fn feed(
+    data: &[u8],
+    chunks: &[usize],
+    max_bytes: usize,
+    session: &mut Session,
+) -> (Vec<Frame>, Vec<Value>) {
     let mut splitter = JsonSplitter::new(max_bytes);
     let mut frames = Vec::new();
     let mut replies = Vec::new();
     let mut pos = 0;
     let mut ci = 0;
     while pos < data.len() {
-        let n = chunks.get(ci).copied().unwrap_or(data.len()).clamp(1, data.len() - pos);
+        let n = chunks
+            .get(ci)
+            .copied()
+            .unwrap_or(data.len())
+            .clamp(1, data.len() - pos);
         ci += 1;
         let mut out = Vec::new();
         splitter.push(&data[pos..pos + n], &mut out);
@@ -116,7 +149,11 @@ fn feed(data: &[u8], chunks: &[usize], max_bytes: usize, session: &mut Session) 
         );
         for frame in out {
             if let Frame::Value(v) = &frame {
-                assert!(v.len() <= max_bytes.max(2), "frame of {} bytes over the limit {max_bytes}", v.len());
+                assert!(
+                    v.len() <= max_bytes.max(2),
+                    "frame of {} bytes over the limit {max_bytes}",
+                    v.len()
+                );
             }
             let (reply, _after) = session.handle_frame_ex(frame.clone());
             replies.push(check_reply(&reply, &frame));
@@ -181,7 +218,19 @@ fn arg_value(u: &mut Unstructured<'_>, depth: u32) -> Result<Value> {
 }
 
 fn pick_key(u: &mut Unstructured<'_>) -> Result<String> {
-    Ok((*u.choose(&["u", "b", "n", "o", "a", "any", "command-line", "cpu-index", "enable", "x"])?).to_string())
+    Ok((*u.choose(&[
+        "u",
+        "b",
+        "n",
+        "o",
+        "a",
+        "any",
+        "command-line",
+        "cpu-index",
+        "enable",
+        "x",
+    ])?)
+    .to_string())
 }
 
 /// One request object; `id` tags it.
@@ -219,8 +268,12 @@ fn single_quoted(s: &str) -> Option<String> {
 /// The whole target.
 pub fn run(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let Ok(mode) = u.arbitrary::<u8>() else { return };
-    let Ok(chunks) = chunk_plan(&mut u) else { return };
+    let Ok(mode) = u.arbitrary::<u8>() else {
+        return;
+    };
+    let Ok(chunks) = chunk_plan(&mut u) else {
+        return;
+    };
     let dispatcher = Arc::new(Dispatcher::new(Arc::new(Vm)));
     if mode & 1 == 0 {
         let max_bytes = [16usize, 64, 256, 4096][usize::from(mode >> 1) & 3];
@@ -230,7 +283,11 @@ pub fn run(data: &[u8]) {
         assert_eq!(chunked.len(), replies.len());
         let mut s2 = Session::new(dispatcher);
         let (whole, _) = feed(stream, &[stream.len()], max_bytes, &mut s2);
-        assert_eq!(values(&chunked), values(&whole), "structured values depend on the chunking");
+        assert_eq!(
+            values(&chunked),
+            values(&whole),
+            "structured values depend on the chunking"
+        );
         return;
     }
     // Structured: well-formed requests, each must be answered with its id.
@@ -258,11 +315,58 @@ pub fn run(data: &[u8]) {
     let negotiated_first = mode & 2 != 0;
     if negotiated_first {
         let reply = session.handle_value(json!({"execute": "qmp_capabilities"}));
-        assert!(reply.starts_with("{\"return\""), "negotiation failed: {reply}");
+        assert!(
+            reply.starts_with("{\"return\""),
+            "negotiation failed: {reply}"
+        );
     }
     let (frames, replies) = feed(&stream, &chunks, 1 << 20, &mut session);
-    assert_eq!(frames.len(), n, "{n} requests cut into {} frames", frames.len());
+    assert_eq!(
+        frames.len(),
+        n,
+        "{n} requests cut into {} frames",
+        frames.len()
+    );
     for (i, r) in replies.iter().enumerate() {
-        assert_eq!(r.get("id"), Some(&json!(i)), "reply {i} carries the wrong id: {r}");
+        assert_eq!(
+            r.get("id"),
+            Some(&json!(i)),
+            "reply {i} carries the wrong id: {r}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random inputs in both modes hold every invariant (each call asserts them itself).
+    #[test]
+    fn random_inputs_hold_invariants() {
+        for data in crate::test_inputs(0x5EED, 2000, 512) {
+            run(&data);
+        }
+    }
+
+    /// Fixed streams: one reply per frame, in order, whatever the chunking.
+    #[test]
+    fn stream_table() {
+        let table: [(&[u8], &[usize], usize); 5] = [
+            (
+                b"{\"execute\":\"qmp_capabilities\",\"id\":1}{\"execute\":\"stop\",\"id\":2}",
+                &[3, 5, 7],
+                2,
+            ),
+            (b"{'execute': 'query-status'}\r\n", &[1], 1),
+            (b"}}garbage{\"execute\":1}", &[2, 2], 3),
+            (b"[1,[2,[3]]] \"str\" 42 ", &[4], 3),
+            (b"{\"a\":\"\\\"}\"}", &[1, 1, 1], 1),
+        ];
+        for (stream, chunks, frames) in table {
+            let mut session = Session::new(Arc::new(Dispatcher::new(Arc::new(Vm))));
+            let (f, r) = feed(stream, chunks, 4096, &mut session);
+            assert_eq!(f.len(), frames, "{:?}", String::from_utf8_lossy(stream));
+            assert_eq!(r.len(), frames);
+        }
     }
 }
