@@ -288,7 +288,8 @@ pub(crate) struct VmShared {
     pub msr_hook: Option<Arc<dyn MsrHook>>,
     pub port_hook: Option<Arc<dyn PortHook>>,
     pub apic_cfg: ApicConfig,
-    /// Whether `KVM_VCPU_TSC_OFFSET` works (otherwise TSC writes go through KVM_SET_MSRS).
+    /// Whether `KVM_VCPU_TSC_OFFSET` works and the guest really sees the offset; otherwise guest writes to
+    /// IA32_TSC / IA32_TSC_ADJUST leave the TSC unchanged (as the host would anyway).
     pub tsc_offset_attr: bool,
     /// One rendezvous at a time.
     pub rendezvous: Mutex<()>,
@@ -618,19 +619,32 @@ impl Machine {
         }
         let tsc_khz = fds[0].get_tsc_khz().map_err(setup("KVM_GET_TSC_KHZ"))?;
 
-        // Identical TSCs: one explicit offset for every vCPU, so guest TSC = host TSC + offset exactly.
+        // Identical TSCs: one explicit offset for every vCPU (plus a spare one for the probe), then measure
+        // what the guest really reads: some KVMs ignore the offset.
+        let mut probe_fd = vm
+            .create_vcpu(u64::from(cfg.vcpus))
+            .map_err(setup("KVM_CREATE_VCPU (TSC probe)"))?;
         let offset = 0u64.wrapping_sub(host_tsc());
-        let tsc_offset_attr = fds
+        let offset_attr_ok = fds
             .iter()
+            .chain(std::iter::once(&probe_fd))
             .all(|fd| vcpu::set_tsc_offset(fd, offset).is_ok());
-        let tsc_offset = if tsc_offset_attr {
-            offset
-        } else {
+        if !offset_attr_ok {
             vcpu::sync_tsc_with_msrs(&fds).map_err(|e| VmError::Setup {
                 what: "TSC synchronisation",
                 err: e,
-            })?
-        };
+            })?;
+        }
+        let tsc_offset =
+            vcpu::probe_tsc_offset(&mut probe_fd, &mem).map_err(|e| VmError::Setup {
+                what: "TSC probe",
+                err: e,
+            })?;
+        drop(probe_fd);
+        // Guest TSC writes can be honoured only when the offset really applies (within 1 ms of slack).
+        let tsc_offset_attr = offset_attr_ok
+            && (tsc_offset.wrapping_sub(offset) as i64).unsigned_abs() < u64::from(tsc_khz);
+        tracing::debug!(tsc_offset, tsc_offset_attr, "TSC");
 
         let apic_cfg = ApicConfig {
             bus_freq_hz: cfg.apic_bus_hz.max(1),

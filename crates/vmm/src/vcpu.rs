@@ -104,6 +104,70 @@ pub(crate) fn sync_tsc_with_msrs(fds: &[VcpuFd]) -> Result<u64, String> {
     Ok(guest.wrapping_sub(host_mid))
 }
 
+/// Measures the guest TSC against the host TSC: runs a few real-mode instructions (`rdtsc`, two `out`s,
+/// `hlt`) at guest physical 0 on the spare vCPU `fd`, and returns `guest TSC - host TSC` (wrapping). Guest RAM
+/// at 0..16 is zeroed again afterwards. Some KVMs (this project's PVM host) ignore the TSC offset, so the VMM
+/// learns the real relation instead of assuming it.
+pub(crate) fn probe_tsc_offset(
+    fd: &mut VcpuFd,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<u64, String> {
+    use vm_memory::{Bytes, GuestAddress};
+    const CODE: [u8; 15] = [
+        0x0F, 0x31, // rdtsc
+        0x66, 0xE7, 0x10, // out %eax, $0x10
+        0x66, 0x89, 0xD0, // mov %edx, %eax
+        0x66, 0xE7, 0x11, // out %eax, $0x11
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp back to hlt
+        0x90,
+    ];
+    let err = |e: kvm_ioctls::Error| format!("TSC probe: {e}");
+    mem.write_slice(&CODE, GuestAddress(0))
+        .map_err(|e| format!("TSC probe: {e}"))?;
+    let mut sregs = fd.get_sregs().map_err(err)?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    fd.set_sregs(&sregs).map_err(err)?;
+    fd.set_regs(&kvm_regs {
+        rip: 0,
+        rflags: 2,
+        ..Default::default()
+    })
+    .map_err(err)?;
+    let (mut lo, mut hi) = (None, None);
+    let mut host_mid = 0u64;
+    let mut first = true;
+    for _ in 0..16 {
+        let before = host_tsc();
+        let exit = fd.run().map_err(err)?;
+        let after = host_tsc();
+        if first {
+            host_mid = before.wrapping_add(after.wrapping_sub(before) / 2);
+            first = false;
+        }
+        match exit {
+            VcpuExit::IoOut(0x10, d) if d.len() == 4 => {
+                lo = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+            }
+            VcpuExit::IoOut(0x11, d) if d.len() == 4 => {
+                hi = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+            }
+            VcpuExit::Hlt => break,
+            other => return Err(format!("TSC probe: unexpected exit {other:?}")),
+        }
+    }
+    mem.write_slice(&[0u8; CODE.len()], GuestAddress(0))
+        .map_err(|e| format!("TSC probe: {e}"))?;
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => {
+            let guest = (u64::from(hi) << 32) | u64::from(lo);
+            Ok(guest.wrapping_sub(host_mid))
+        }
+        _ => Err("TSC probe: the probe did not report the TSC".to_string()),
+    }
+}
+
 /// Per-thread context of a vCPU.
 struct Ctx {
     shared: Arc<VmShared>,
@@ -364,6 +428,8 @@ impl Ctx {
         let me = &shared.vcpus[self.index];
         let index = self.index;
         self.needs_completion = false;
+        // CR8 as this entry starts with it; a different value after the exit means the guest wrote CR8.
+        let cr8_before = fd.get_kvm_run().cr8;
         let exit = fd.run();
         me.kicker.set_immediate_exit(0);
         let exit = match exit {
@@ -469,11 +535,12 @@ impl Ctx {
             other => Deferred::Fatal(format!("unexpected KVM exit on vCPU {index}: {other:?}")),
         };
         {
-            // CR8 as KVM left it (the guest may have written it), and statistics.
+            // CR8 as KVM left it: if the guest wrote it during this run, the TPR follows. (Comparing with the
+            // value at entry keeps a TPR written by the exit handler above, e.g. through the x2APIC MSR.)
             let cr8 = fd.get_kvm_run().cr8;
             let mut st = me.lock();
             st.exits += 1;
-            if st.apic.cr8() != cr8 {
+            if cr8 != cr8_before && st.apic.cr8() != cr8 {
                 let f = st.apic.set_cr8(cr8);
                 fx = fx.merge(f);
             }
@@ -554,20 +621,14 @@ impl Ctx {
     /// Changes this vCPU's TSC so that it reads `value` now.
     fn write_tsc(&self, fd: &VcpuFd, value: u64) -> Result<(), String> {
         let me = self.me();
-        let new_offset = value.wrapping_sub(host_tsc());
-        if self.shared.tsc_offset_attr {
-            set_tsc_offset(fd, new_offset)
-                .map_err(|e| format!("cannot set the TSC of vCPU {}: {e}", self.index))?;
-        } else {
-            let entry = kvm_bindings::kvm_msr_entry {
-                index: MSR_IA32_TSC,
-                data: value,
-                ..Default::default()
-            };
-            let msrs = Msrs::from_entries(&[entry]).map_err(|e| format!("{e:?}"))?;
-            fd.set_msrs(&msrs)
-                .map_err(|e| format!("cannot set the TSC of vCPU {}: {e}", self.index))?;
+        if !self.shared.tsc_offset_attr {
+            // This KVM does not apply TSC offsets to what the guest reads: the TSC cannot change.
+            tracing::debug!(vcpu = self.index, value, "guest TSC write ignored");
+            return Ok(());
         }
+        let new_offset = value.wrapping_sub(host_tsc());
+        set_tsc_offset(fd, new_offset)
+            .map_err(|e| format!("cannot set the TSC of vCPU {}: {e}", self.index))?;
         let mut st = me.lock();
         st.tsc_offset = new_offset;
         let now = self.shared.clock.now_ns();
