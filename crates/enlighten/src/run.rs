@@ -13,6 +13,9 @@ use vmm::loader::Module;
 use vmm::platform::{BusDevices, KernelLoader};
 use vmm::{Machine, Outcome, VmConfig};
 
+/// Exit status when the VM fails while running (KVM internal error, all vCPUs stuck, ...).
+pub const RUNTIME_ERROR_STATUS: u8 = 2;
+
 /// Usage text for `enlighten run -help`.
 const USAGE: &str = "\
 Usage: enlighten [run] [OPTIONS]
@@ -266,7 +269,14 @@ pub fn main(args: Vec<String>) -> ExitCode {
     match outcome {
         Ok(Outcome::Exit(status)) => ExitCode::from((status & 0xFF) as u8),
         Ok(Outcome::PowerOff | Outcome::Stopped | Outcome::Cancelled) => ExitCode::SUCCESS,
-        Ok(Outcome::Error(msg)) | Err(msg) => {
+        // A VM that failed at run time exits with 2: an even status can never be mistaken for an
+        // isa-debug-exit status ((value << 1) | 1), and harnesses built around QEMU treat 1 as success.
+        Ok(Outcome::Error(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(RUNTIME_ERROR_STATUS)
+        }
+        // Configuration and start-up errors exit with 1, as QEMU's do.
+        Err(msg) => {
             eprintln!("error: {msg}");
             ExitCode::from(1)
         }
