@@ -43,3 +43,24 @@ fn smp_bring_up_every_vcpu_reports_its_apic_id() {
         }
     }
 }
+
+#[test]
+fn smp_bring_up_from_the_elf64_long_mode_entry() {
+    // The same kernel entered directly in long mode (enlighten's ELF64 path); the APs still start in real
+    // mode from the SIPI. QEMU cannot boot ELF64 images.
+    if under_qemu() {
+        eprintln!("skipped under QEMU (no ELF64 boot)");
+        return;
+    }
+    for (smp, mode) in [(2u32, "xapic"), (3, "x2apic")] {
+        let append = format!("mode={mode} cpus={smp}");
+        let o = run_raw(&qemu_style_args(
+            kernel_elf64("smp"),
+            smp,
+            Some(&append),
+            &[],
+        ));
+        let online = format!("{smp} CPUs online, expected {smp}");
+        assert_passed_with(&o, &[&online, "every vCPU reports APIC ID == index"]);
+    }
+}
