@@ -599,6 +599,14 @@ fn input_gpa(regs: &HypercallRegs) -> u64 {
     }
 }
 
+/// The output GPA of a register snapshot, in its mode's convention.
+fn output_gpa(regs: &HypercallRegs) -> u64 {
+    match regs.mode {
+        CpuMode::Protected32 => ((regs.rdi & 0xFFFF_FFFF) << 32) | (regs.rsi & 0xFFFF_FFFF),
+        _ => regs.r8,
+    }
+}
+
 /// A hypercall: half the time a well-formed call of an implemented (or planned) code with a matching input
 /// block in RAM, otherwise arbitrary registers.
 fn hypercall_op(u: &mut Unstructured<'_>, vps: usize) -> Result<Op> {
@@ -994,6 +1002,7 @@ impl Harness {
         drop(self.platform().take_log());
         let mut rebased = false;
         let mut reset_done = false;
+        let mut output_page = None;
         match op {
             Op::ReadMsr { vp, index } => self.read_msr(vp, index),
             Op::WriteMsr { vp, index, value } => self.write_msr(vp, index, value),
@@ -1001,6 +1010,8 @@ impl Harness {
                 if let Some(data) = input {
                     self.platform().guest_write(input_gpa(&regs), &data);
                 }
+                // A hypercall may write its output page (none implemented today does).
+                output_page = Some(output_gpa(&regs) & !(PAGE_SIZE - 1));
                 self.hypercall(vp, regs)
             }
             Op::Poke { gpa, data } => self.platform().guest_write(gpa, &data),
@@ -1098,7 +1109,7 @@ impl Harness {
             .iter()
             .any(|e| matches!(e, hyperv::Event::ResetRequested { .. }));
         let after = self.engine.save();
-        self.check_memory(&before, &after, &log);
+        self.check_memory(&before, &after, &log, output_page);
         self.check_interrupts(&before, &after, &log);
         self.check_timers(&after);
         for _ in &log.interrupts {
@@ -1345,9 +1356,16 @@ impl Harness {
         );
     }
 
-    fn check_memory(&self, before: &EngineState, after: &EngineState, log: &Log) {
+    fn check_memory(
+        &self,
+        before: &EngineState,
+        after: &EngineState,
+        log: &Log,
+        output_page: Option<u64>,
+    ) {
         let mut allowed = designated_pages(before);
         allowed.extend(designated_pages(after));
+        allowed.extend(output_page);
         for a in &log.accesses {
             if !a.mutated {
                 continue;
