@@ -17,7 +17,7 @@ mod vcpu;
 pub use boot::{BootEntry, EntryMode};
 pub use layout::{parse_mem_size, MemoryLayout, RamRegion};
 pub use machine::{
-    BootLoader, IoAction, IoDevices, Machine, MsrHook, Outcome, Paused, PortHook, VcpuRequest,
-    VmConfig, VmError, VmHandle,
+    BootLoader, EoiHook, IoAction, IoDevices, Machine, MsrHook, Outcome, Paused, PortHook,
+    VcpuRequest, VmConfig, VmError, VmHandle,
 };
 pub use vcpu::{HV_MSR_FIRST, HV_MSR_LAST, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};

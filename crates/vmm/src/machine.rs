@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use hyperv::cpuid::CpuidEntry;
@@ -17,7 +17,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::apic::{ApicConfig, DeliveryMode, Gp, Ipi, LocalApic};
+use crate::apic::{ApicConfig, DeliveryMode, Eoi, Gp, Ipi, LocalApic};
 use crate::boot::{self, BootEntry};
 use crate::cpu;
 use crate::kick::{self, Kicker};
@@ -83,6 +83,13 @@ pub trait PortHook: Send + Sync {
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8], regs: &mut kvm_regs) -> bool;
 }
 
+/// Observes every EOI that cleared an ISR bit (the Hyper-V engine redelivers pending SynIC messages from
+/// here). Called on the vCPU's thread, with no machine lock held.
+pub trait EoiHook: Send + Sync {
+    /// vCPU `vcpu` performed an EOI of `eoi.vector`.
+    fn eoi(&self, vcpu: usize, eoi: Eoi);
+}
+
 /// Static configuration of a machine.
 #[derive(Clone)]
 pub struct VmConfig {
@@ -102,6 +109,8 @@ pub struct VmConfig {
     pub msr_hook: Option<Arc<dyn MsrHook>>,
     /// Handler for private ports (the Hyper-V hypercall port).
     pub port_hook: Option<Arc<dyn PortHook>>,
+    /// EOI observer.
+    pub eoi_hook: Option<Arc<dyn EoiHook>>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -115,6 +124,7 @@ impl std::fmt::Debug for VmConfig {
             .field("apic_bus_hz", &self.apic_bus_hz)
             .field("msr_hook", &self.msr_hook.is_some())
             .field("port_hook", &self.port_hook.is_some())
+            .field("eoi_hook", &self.eoi_hook.is_some())
             .finish()
     }
 }
@@ -130,6 +140,7 @@ impl Default for VmConfig {
             apic_bus_hz: 1_000_000_000,
             msr_hook: None,
             port_hook: None,
+            eoi_hook: None,
         }
     }
 }
@@ -152,6 +163,14 @@ pub enum VmError {
     Memory(String),
     #[error("{0}")]
     Load(String),
+}
+
+fn once<T>(v: Option<T>) -> OnceLock<T> {
+    let cell = OnceLock::new();
+    if let Some(v) = v {
+        let _ = cell.set(v);
+    }
+    cell
 }
 
 fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> VmError {
@@ -285,8 +304,9 @@ pub(crate) struct VmShared {
     pub events: Mutex<Sender<VmEvent>>,
     pub stop: AtomicBool,
     pub devices: Arc<dyn IoDevices>,
-    pub msr_hook: Option<Arc<dyn MsrHook>>,
-    pub port_hook: Option<Arc<dyn PortHook>>,
+    pub msr_hook: OnceLock<Arc<dyn MsrHook>>,
+    pub port_hook: OnceLock<Arc<dyn PortHook>>,
+    pub eoi_hook: OnceLock<Arc<dyn EoiHook>>,
     pub apic_cfg: ApicConfig,
     /// Whether `KVM_VCPU_TSC_OFFSET` works and the guest really sees the offset; otherwise guest writes to
     /// IA32_TSC / IA32_TSC_ADJUST leave the TSC unchanged (as the host would anyway).
@@ -458,6 +478,59 @@ impl VmHandle {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.shared.vcpus.len()
+    }
+
+    /// Sets a fixed interrupt `vector` pending in vCPU `i`'s APIC (as an external source such as a SynIC
+    /// SINT would) and wakes the vCPU. Returns whether the APIC accepted it.
+    pub fn deliver_fixed(&self, i: usize, vector: u8, level_triggered: bool) -> bool {
+        let Some(v) = self.shared.vcpus.get(i) else {
+            return false;
+        };
+        let accepted = v.lock().apic.accept_fixed(vector, level_triggered);
+        if accepted {
+            v.wake_up();
+        }
+        accepted
+    }
+
+    /// Latches an NMI for vCPU `i` and wakes it.
+    pub fn raise_nmi(&self, i: usize) {
+        if let Some(v) = self.shared.vcpus.get(i) {
+            v.lock().apic.raise_nmi();
+            v.wake_up();
+        }
+    }
+
+    /// Runs `f` on vCPU `i`'s APIC with its state locked, then re-arms its timer and wakes it (so changes to
+    /// the IRR, timer or auto-EOI set take effect). `None` if there is no such vCPU.
+    pub fn with_apic<R>(&self, i: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+        let v = self.shared.vcpus.get(i)?;
+        let r = {
+            let mut st = v.lock();
+            let r = f(&mut st.apic);
+            let next = st.apic.next_timer_deadline_ns();
+            self.shared.timers.set(i, next);
+            r
+        };
+        v.wake_up();
+        Some(r)
+    }
+
+    /// Nanoseconds on the machine's reference clock (the clock the APIC timers run on).
+    pub fn now_ns(&self) -> u64 {
+        self.shared.clock.now_ns()
+    }
+
+    /// The TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.shared.clock.tsc_khz()
+    }
+
+    /// vCPU `i`'s current guest TSC.
+    pub fn guest_tsc(&self, i: usize) -> Option<u64> {
+        let v = self.shared.vcpus.get(i)?;
+        let st = v.lock();
+        Some(self.shared.guest_tsc(&st))
     }
 
     /// Whether vCPU `i` is parked right now.
@@ -694,8 +767,9 @@ impl Machine {
             events: Mutex::new(tx),
             stop: AtomicBool::new(false),
             devices,
-            msr_hook: cfg.msr_hook.clone(),
-            port_hook: cfg.port_hook.clone(),
+            msr_hook: once(cfg.msr_hook.clone()),
+            port_hook: once(cfg.port_hook.clone()),
+            eoi_hook: once(cfg.eoi_hook.clone()),
             apic_cfg,
             tsc_offset_attr,
             rendezvous: Mutex::new(()),
@@ -719,6 +793,31 @@ impl Machine {
             },
             fds,
         ))
+    }
+
+    /// Installs the MSR hook (before [`Machine::run`]; hooks often need a [`VmHandle`], which exists only
+    /// after [`Machine::new`]). Fails if one is already installed.
+    pub fn set_msr_hook(&self, hook: Arc<dyn MsrHook>) -> Result<(), VmError> {
+        self.shared
+            .msr_hook
+            .set(hook)
+            .map_err(|_| VmError::Config("an MSR hook is already installed".into()))
+    }
+
+    /// Installs the private port hook. Fails if one is already installed.
+    pub fn set_port_hook(&self, hook: Arc<dyn PortHook>) -> Result<(), VmError> {
+        self.shared
+            .port_hook
+            .set(hook)
+            .map_err(|_| VmError::Config("a port hook is already installed".into()))
+    }
+
+    /// Installs the EOI hook. Fails if one is already installed.
+    pub fn set_eoi_hook(&self, hook: Arc<dyn EoiHook>) -> Result<(), VmError> {
+        self.shared
+            .eoi_hook
+            .set(hook)
+            .map_err(|_| VmError::Config("an EOI hook is already installed".into()))
     }
 
     /// A handle for other threads (pause/resume, stop, memory).

@@ -442,7 +442,7 @@ impl Ctx {
         let mut fx = ApicEffects::default();
         let deferred = match exit {
             VcpuExit::IoOut(port, data) => {
-                if shared.port_hook.as_ref().is_some_and(|h| h.handles(port)) {
+                if shared.port_hook.get().is_some_and(|h| h.handles(port)) {
                     // The hook needs the registers (sync regs in kvm_run), which the exit value borrows.
                     Deferred::PortHook(port, data.to_vec())
                 } else {
@@ -548,6 +548,9 @@ impl Ctx {
         if let Some(ipi) = fx.ipi {
             shared.route_ipi(&ipi);
         }
+        if let (Some(eoi), Some(hook)) = (fx.eoi, shared.eoi_hook.get()) {
+            hook.eoi(index, eoi);
+        }
         Ok(deferred)
     }
 
@@ -574,11 +577,7 @@ impl Ctx {
             X2APIC_MSR_FIRST..=X2APIC_MSR_LAST => {
                 me.lock().apic.msr_read(msr, shared.clock.now_ns())
             }
-            _ => match shared
-                .msr_hook
-                .as_ref()
-                .and_then(|h| h.rdmsr(self.index, msr))
-            {
+            _ => match shared.msr_hook.get().and_then(|h| h.rdmsr(self.index, msr)) {
                 Some(r) => r,
                 None => Err(Gp),
             },
@@ -609,7 +608,7 @@ impl Ctx {
             }),
             _ => match shared
                 .msr_hook
-                .as_ref()
+                .get()
                 .and_then(|h| h.wrmsr(self.index, msr, value))
             {
                 Some(r) => r.map(|()| (ApicEffects::default(), Deferred::None)),
@@ -646,7 +645,7 @@ impl Ctx {
         match d {
             Deferred::None => Ok(()),
             Deferred::PortHook(port, data) => {
-                if let Some(hook) = self.shared.port_hook.clone() {
+                if let Some(hook) = self.shared.port_hook.get().cloned() {
                     let mut regs: kvm_regs = fd.sync_regs().regs;
                     if hook.pio_write(index, port, &data, &mut regs) {
                         // Handed back through the sync-regs area: KVM loads it on the next entry, no ioctl.
