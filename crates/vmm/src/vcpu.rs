@@ -235,6 +235,15 @@ impl Ctx {
         r
     }
 
+    /// Forgets the interrupt-window state KVM reported at the last exit: after the registers were replaced
+    /// (INIT, SIPI, reset) it no longer describes the vCPU, and injecting on its word could hit IF=0.
+    fn forget_window_state(fd: &mut VcpuFd) {
+        let run = fd.get_kvm_run();
+        run.ready_for_interrupt_injection = 0;
+        run.if_flag = 0;
+        run.request_interrupt_window = 0;
+    }
+
     fn reset_to_initial(&self, fd: &VcpuFd) -> Result<(), String> {
         let err = |e: kvm_ioctls::Error| format!("cannot reset vCPU {}: {e}", self.index);
         fd.set_sregs(&self.init.sregs).map_err(err)?;
@@ -269,9 +278,8 @@ impl Ctx {
                     RunState::WaitForSipi
                 };
                 self.shared.timers.set(index, None);
-                let run = fd.get_kvm_run();
-                run.request_interrupt_window = 0;
-                run.cr8 = 0;
+                Self::forget_window_state(fd);
+                fd.get_kvm_run().cr8 = 0;
                 Ok(())
             }
         }
@@ -347,6 +355,7 @@ impl Ctx {
                     drop(st);
                     self.needs_completion = false;
                     self.reset_to_initial(fd)?;
+                    Self::forget_window_state(fd);
                     st = me.lock();
                     continue;
                 }
@@ -364,6 +373,7 @@ impl Ctx {
                             fd.set_sregs(&sregs)
                                 .and_then(|_| fd.set_regs(&regs))
                                 .map_err(|e| format!("cannot start vCPU {}: {e}", self.index))?;
+                            Self::forget_window_state(fd);
                             tracing::debug!(vcpu = self.index, vector, "SIPI");
                             st = me.lock();
                             continue;
@@ -442,6 +452,9 @@ impl Ctx {
         let mut fx = ApicEffects::default();
         let deferred = match exit {
             VcpuExit::IoOut(port, data) => {
+                // Every I/O, MMIO and MSR exit is finished by the next KVM_RUN (string I/O and emulated
+                // accesses in particular), so the rendezvous re-enters once before parking.
+                self.needs_completion = true;
                 if shared.port_hook.get().is_some_and(|h| h.handles(port)) {
                     // The hook needs the registers (sync regs in kvm_run), which the exit value borrows.
                     Deferred::PortHook(port, data.to_vec())
@@ -469,6 +482,7 @@ impl Ctx {
                 Deferred::None
             }
             VcpuExit::MmioWrite(addr, data) => {
+                self.needs_completion = true;
                 let mut st = me.lock();
                 match st.apic.mmio_base() {
                     Some(base) if addr >= base && addr < base + APIC_MMIO_SIZE => {

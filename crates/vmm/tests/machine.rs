@@ -579,3 +579,37 @@ fn external_fixed_interrupt_wakes_a_halted_vcpu_and_eoi_is_observed() {
     assert_eq!(outcome, Outcome::Exit(5));
     assert_eq!(*log.0.lock().unwrap(), vec![(0, 0x41)]);
 }
+
+#[test]
+fn init_sipi_restarts_running_aps() {
+    // APs first run a busy loop (from SIPI 0x08); the BSP then sends INIT + SIPI 0x0A, which must stop them
+    // wherever they are, reset them to wait-for-SIPI and start them at 0xA000.
+    let bsp = r#"
+        .code32
+        movl $0x1FF, 0xFEE000F0
+        movl $0x000C4500, 0xFEE00300
+        movl $0x000C4608, 0xFEE00300
+    1:  cmpl $3, 0x9100
+        jne 1b
+        movl $0x000C4500, 0xFEE00300
+        movl $0x000C460A, 0xFEE00300
+    2:  cmpl $3, 0x9200
+        jne 2b
+        mov $0xf4, %dx
+        mov $0x9, %eax
+        out %eax, %dx
+    "#;
+    let first = ".code16\nlock incl 0x9100\n1: jmp 1b\n";
+    let second = ".code16\nlock incl 0x9200\ncli\n1: hlt\njmp 1b\n";
+    let loader = RawLoader::new(
+        EntryMode::Protected32,
+        vec![
+            (CODE_ADDR, assemble(bsp, CODE_ADDR)),
+            (0x8000, assemble(first, 0x8000)),
+            (0xA000, assemble(second, 0xA000)),
+        ],
+    );
+    let (outcome, took) = boot(cfg(4), loader, Arc::new(TestDevices::default()));
+    assert_eq!(outcome, Outcome::Exit(0x13));
+    assert!(took < Duration::from_secs(10));
+}
