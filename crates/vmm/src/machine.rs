@@ -199,9 +199,14 @@ pub enum Outcome {
 #[derive(Debug)]
 pub(crate) enum VmEvent {
     Io(IoAction),
-    TripleFault { vcpu: usize, dump: String },
+    TripleFault {
+        vcpu: usize,
+        dump: String,
+    },
     Fatal(String),
     Deadlock,
+    /// [`VmHandle::stop`] was called (wakes the event loop).
+    Cancel,
 }
 
 /// The run state of a vCPU, owned by the VMM (no in-kernel irqchip, so no KVM mp state).
@@ -468,6 +473,7 @@ impl VmHandle {
     /// Asks the machine to stop; [`Machine::run`] returns [`Outcome::Cancelled`].
     pub fn stop(&self) {
         self.shared.stop_all();
+        self.shared.send(VmEvent::Cancel);
     }
 
     /// Guest RAM.
@@ -913,15 +919,9 @@ impl Machine {
             if self.shared.stopping() {
                 return Outcome::Cancelled;
             }
-            let ev = match self
-                .events
-                .recv_timeout(std::time::Duration::from_millis(200))
-            {
+            let ev = match self.events.recv() {
                 Ok(ev) => ev,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Outcome::Error("the VM event channel closed".to_string())
-                }
+                Err(_) => return Outcome::Error("the VM event channel closed".to_string()),
             };
             tracing::debug!(?ev, "vm event");
             match ev {
@@ -949,6 +949,7 @@ impl Machine {
                     }
                 }
                 VmEvent::Fatal(msg) => return Outcome::Error(msg),
+                VmEvent::Cancel => return Outcome::Cancelled,
                 VmEvent::Deadlock => {
                     // Re-check with everything quiet: a racing IPI may have woken someone.
                     let handle = self.handle();

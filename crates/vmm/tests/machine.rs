@@ -466,20 +466,30 @@ fn pause_stops_all_vcpus_at_a_consistent_point_and_resume_restarts_them() {
         let exits2: Vec<u64> = (0..3).map(|i| paused.exit_count(i).unwrap()).collect();
         assert_eq!(exits, exits2, "exits while paused");
         paused.resume();
-        std::thread::sleep(Duration::from_millis(30));
-        let b = counters(&handle);
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| y > x),
-            "not resumed: {a:?} -> {b:?}"
-        );
+        // Every vCPU moves again (allow for a loaded host: up to 10 s).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = counters(&handle);
+            if a.iter().zip(&b).all(|(x, y)| y > x) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not resumed: {a:?} -> {b:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     // Pausing a subset leaves the others running.
     let paused = handle.pause(&[1]);
     let a = counters(&handle);
-    std::thread::sleep(Duration::from_millis(30));
-    let b = counters(&handle);
-    assert_eq!(a[1], b[1]);
-    assert!(b[0] > a[0] && b[2] > a[2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = counters(&handle);
+        if b[0] > a[0] && b[2] > a[2] {
+            assert_eq!(a[1], b[1], "the paused vCPU moved");
+            break;
+        }
+        assert!(Instant::now() < deadline, "others stopped: {a:?} -> {b:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     drop(paused);
     handle.stop();
     assert_eq!(runner.join().unwrap(), Outcome::Cancelled);
