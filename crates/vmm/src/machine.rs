@@ -338,36 +338,12 @@ impl VmShared {
 
     /// Routes an IPI from a vCPU's APIC to every matching APIC and wakes the receivers.
     pub fn route_ipi(&self, ipi: &Ipi) {
-        if ipi.delivery_mode == DeliveryMode::LowestPriority {
-            // Deliver to the matching APIC with the lowest APIC ID.
-            let mut best: Option<(u32, usize)> = None;
-            for (i, v) in self.vcpus.iter().enumerate() {
-                let st = v.lock();
-                if st.apic.matches_destination(&ipi.dest, ipi.source_id) {
-                    let id = st.apic.id();
-                    if best.is_none_or(|(b, _)| id < b) {
-                        best = Some((id, i));
-                    }
-                }
-            }
-            if let Some((_, i)) = best {
-                let v = &self.vcpus[i];
-                let accepted = v.lock().apic.deliver(ipi);
-                if accepted {
-                    v.wake_up();
-                }
-            }
-            return;
-        }
-        for v in &self.vcpus {
-            let accepted = {
-                let mut st = v.lock();
-                st.apic.matches_destination(&ipi.dest, ipi.source_id) && st.apic.deliver(ipi)
-            };
-            if accepted {
-                v.wake_up();
-            }
-        }
+        route_ipi(
+            self.vcpus.len(),
+            ipi,
+            &mut |i, f| f(&mut self.vcpus[i].lock().apic),
+            &mut |i| self.vcpus[i].wake_up(),
+        );
     }
 
     /// Whether every vCPU is stuck (see [`VcpuState::is_stuck`]); checks one vCPU at a time.
@@ -383,6 +359,47 @@ impl VmShared {
             v.wake_up();
         }
         self.timers.notify();
+    }
+}
+
+/// Routes `ipi` over `n` APICs: `with_apic(i, f)` runs `f` on APIC `i` with its lock held (one at a time),
+/// `wake(i)` is called, with no lock held, for each APIC that accepted the IPI. Fixed, NMI, INIT and SIPI go
+/// to every matching APIC; lowest priority goes to the matching APIC with the lowest APIC ID.
+pub(crate) fn route_ipi(
+    n: usize,
+    ipi: &Ipi,
+    with_apic: &mut dyn FnMut(usize, &mut dyn FnMut(&mut LocalApic)),
+    wake: &mut dyn FnMut(usize),
+) {
+    if ipi.delivery_mode == DeliveryMode::LowestPriority {
+        let mut best: Option<(u32, usize)> = None;
+        for i in 0..n {
+            with_apic(i, &mut |apic| {
+                if apic.matches_destination(&ipi.dest, ipi.source_id) {
+                    let id = apic.id();
+                    if best.is_none_or(|(b, _)| id < b) {
+                        best = Some((id, i));
+                    }
+                }
+            });
+        }
+        if let Some((_, i)) = best {
+            let mut accepted = false;
+            with_apic(i, &mut |apic| accepted = apic.deliver(ipi));
+            if accepted {
+                wake(i);
+            }
+        }
+        return;
+    }
+    for i in 0..n {
+        let mut accepted = false;
+        with_apic(i, &mut |apic| {
+            accepted = apic.matches_destination(&ipi.dest, ipi.source_id) && apic.deliver(ipi);
+        });
+        if accepted {
+            wake(i);
+        }
     }
 }
 
@@ -1041,6 +1058,138 @@ fn timer_thread(shared: Arc<VmShared>) {
             if wake {
                 v.wake_up();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apic::{reg, Destination, APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_BASE_EXTD};
+
+    /// `n` enabled APICs with IDs 0..n, software-enabled, in xAPIC (flat logical, LDR bit i) or x2APIC mode.
+    fn apics(n: u32, x2apic: bool) -> Vec<Mutex<LocalApic>> {
+        (0..n)
+            .map(|i| {
+                let mut a = LocalApic::new(
+                    i,
+                    ApicConfig {
+                        bsp: i == 0,
+                        ..ApicConfig::default()
+                    },
+                );
+                let mut base = 0xFEE0_0000 | APIC_BASE_ENABLE;
+                if i == 0 {
+                    base |= APIC_BASE_BSP;
+                }
+                a.write_apic_base(base).unwrap();
+                if x2apic {
+                    a.write_apic_base(base | APIC_BASE_EXTD).unwrap();
+                    a.msr_write(0x80F, 0x1FF, 0).unwrap();
+                } else {
+                    let _ = a.mmio_write(reg::SVR, &0x1FFu32.to_le_bytes(), 0);
+                    let _ = a.mmio_write(reg::DFR, &0xFFFF_FFFFu32.to_le_bytes(), 0);
+                    let ldr = (1u32 << i) << 24;
+                    let _ = a.mmio_write(reg::LDR, &ldr.to_le_bytes(), 0);
+                }
+                Mutex::new(a)
+            })
+            .collect()
+    }
+
+    fn route(apics: &[Mutex<LocalApic>], ipi: &Ipi) -> Vec<usize> {
+        let mut woken = Vec::new();
+        route_ipi(
+            apics.len(),
+            ipi,
+            &mut |i, f| f(&mut apics[i].lock().unwrap()),
+            &mut |i| woken.push(i),
+        );
+        woken
+    }
+
+    fn ipi(mode: DeliveryMode, vector: u8, dest: Destination, source_id: u32) -> Ipi {
+        Ipi {
+            delivery_mode: mode,
+            vector,
+            level_triggered: false,
+            dest,
+            source_id,
+        }
+    }
+
+    #[test]
+    fn routes_to_the_matching_apics() {
+        use DeliveryMode::*;
+        use Destination::*;
+        let cases: &[(bool, Ipi, &[usize])] = &[
+            (false, ipi(Fixed, 0x40, Physical(2), 0), &[2]),
+            (false, ipi(Fixed, 0x40, Physical(7), 0), &[]),
+            (false, ipi(Fixed, 0x40, SelfOnly, 1), &[1]),
+            (false, ipi(Fixed, 0x40, AllIncludingSelf, 1), &[0, 1, 2, 3]),
+            (false, ipi(Fixed, 0x40, AllExcludingSelf, 1), &[0, 2, 3]),
+            (false, ipi(Fixed, 0x40, Logical(0b1010), 0), &[1, 3]),
+            (false, ipi(LowestPriority, 0x40, Logical(0b1100), 0), &[2]),
+            (false, ipi(LowestPriority, 0x40, AllExcludingSelf, 0), &[1]),
+            (false, ipi(Nmi, 0, Physical(3), 0), &[3]),
+            (false, ipi(Init, 0, AllExcludingSelf, 0), &[1, 2, 3]),
+            (false, ipi(StartUp, 8, AllExcludingSelf, 0), &[1, 2, 3]),
+            (true, ipi(Fixed, 0x40, Physical(3), 0), &[3]),
+            (true, ipi(Fixed, 0x40, AllExcludingSelf, 3), &[0, 1, 2]),
+            // x2APIC logical: cluster 0, members 0 and 2 (LDR = cluster << 16 | 1 << (id & 15)).
+            (true, ipi(Fixed, 0x40, Logical(0b101), 0), &[0, 2]),
+            (true, ipi(LowestPriority, 0x40, Logical(0b1110), 0), &[1]),
+        ];
+        for (x2apic, ipi, expected) in cases {
+            let apics = apics(4, *x2apic);
+            let woken = route(&apics, ipi);
+            assert_eq!(woken, expected.to_vec(), "{ipi:?} x2apic={x2apic}");
+            for (i, a) in apics.iter().enumerate() {
+                let mut a = a.lock().unwrap();
+                let got = expected.contains(&i);
+                match ipi.delivery_mode {
+                    Fixed | LowestPriority => {
+                        assert_eq!(a.is_requested(ipi.vector), got, "IRR of {i} for {ipi:?}")
+                    }
+                    Nmi => assert_eq!(a.take_nmi(), got),
+                    Init => assert_eq!(a.take_init(), got),
+                    StartUp => assert_eq!(a.take_sipi(), got.then_some(ipi.vector)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stuck_states() {
+        let mk = |run| VcpuState {
+            apic: LocalApic::new(1, ApicConfig::default()),
+            run,
+            nmi: false,
+            pause: 0,
+            parked: false,
+            exited: false,
+            requests: Vec::new(),
+            tsc_offset: 0,
+            tsc_adjust: 0,
+            exits: 0,
+        };
+        let cases: &[(RunState, bool)] = &[
+            (RunState::Runnable, false),
+            (RunState::Halted { if_flag: true }, false),
+            (RunState::Halted { if_flag: false }, true),
+            (RunState::WaitForSipi, true),
+            (RunState::Stopped, true),
+        ];
+        for &(run, stuck) in cases {
+            assert_eq!(mk(run).is_stuck(), stuck, "{run:?}");
+            let mut st = mk(run);
+            st.apic.raise_nmi();
+            let expect = stuck && !matches!(run, RunState::Halted { if_flag: false });
+            assert_eq!(st.is_stuck(), expect, "{run:?} with an NMI latched");
+            let mut st = mk(run);
+            st.pause = 1;
+            assert!(!st.is_stuck(), "{run:?} paused");
         }
     }
 }
