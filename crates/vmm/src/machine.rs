@@ -362,13 +362,16 @@ impl VmShared {
     }
 }
 
+/// Runs a closure on one APIC (by index) with its lock held.
+pub(crate) type WithApic<'a> = dyn FnMut(usize, &mut dyn FnMut(&mut LocalApic)) + 'a;
+
 /// Routes `ipi` over `n` APICs: `with_apic(i, f)` runs `f` on APIC `i` with its lock held (one at a time),
 /// `wake(i)` is called, with no lock held, for each APIC that accepted the IPI. Fixed, NMI, INIT and SIPI go
 /// to every matching APIC; lowest priority goes to the matching APIC with the lowest APIC ID.
 pub(crate) fn route_ipi(
     n: usize,
     ipi: &Ipi,
-    with_apic: &mut dyn FnMut(usize, &mut dyn FnMut(&mut LocalApic)),
+    with_apic: &mut WithApic<'_>,
     wake: &mut dyn FnMut(usize),
 ) {
     if ipi.delivery_mode == DeliveryMode::LowestPriority {
@@ -1082,10 +1085,10 @@ mod tests {
                 if i == 0 {
                     base |= APIC_BASE_BSP;
                 }
-                a.write_apic_base(base).unwrap();
+                let _ = a.write_apic_base(base).unwrap();
                 if x2apic {
-                    a.write_apic_base(base | APIC_BASE_EXTD).unwrap();
-                    a.msr_write(0x80F, 0x1FF, 0).unwrap();
+                    let _ = a.write_apic_base(base | APIC_BASE_EXTD).unwrap();
+                    let _ = a.msr_write(0x80F, 0x1FF, 0).unwrap();
                 } else {
                     let _ = a.mmio_write(reg::SVR, &0x1FFu32.to_le_bytes(), 0);
                     let _ = a.mmio_write(reg::DFR, &0xFFFF_FFFFu32.to_le_bytes(), 0);
