@@ -8,6 +8,7 @@ pub mod diag;
 pub mod host;
 pub mod kick;
 pub mod layout;
+pub mod lifecycle;
 pub mod loader;
 pub mod machine;
 pub mod platform;

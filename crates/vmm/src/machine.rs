@@ -207,6 +207,8 @@ pub(crate) enum VmEvent {
     Deadlock,
     /// [`VmHandle::stop`] was called (wakes the event loop).
     Cancel,
+    /// [`VmHandle::request_reset`] was called (QMP `system_reset`).
+    HostReset,
 }
 
 /// The run state of a vCPU, owned by the VMM (no in-kernel irqchip, so no KVM mp state).
@@ -318,6 +320,8 @@ pub(crate) struct VmShared {
     pub tsc_offset_attr: bool,
     /// One rendezvous at a time.
     pub rendezvous: Mutex<()>,
+    /// Life-cycle observer (the QMP glue).
+    pub lifecycle_hook: OnceLock<Arc<dyn crate::lifecycle::LifecycleHook>>,
 }
 
 impl VmShared {
@@ -494,6 +498,67 @@ impl VmHandle {
     pub fn stop(&self) {
         self.shared.stop_all();
         self.shared.send(VmEvent::Cancel);
+    }
+
+    /// Like [`VmHandle::pause_all`] but without waiting for the vCPUs to park: each parks before it next
+    /// enters the guest. Safe from any thread, including a vCPU thread, and before [`Machine::run`] (`-S`).
+    pub fn hold_all(&self) -> Paused {
+        let which: Vec<usize> = (0..self.shared.vcpus.len()).collect();
+        for v in &self.shared.vcpus {
+            let mut st = v.lock();
+            st.pause += 1;
+            v.wake_up();
+        }
+        Paused {
+            shared: self.shared.clone(),
+            which,
+        }
+    }
+
+    /// Asks the event loop for a system reset (QMP `system_reset`); with `--no-reboot` the machine ends
+    /// instead, as in QEMU. The [`crate::lifecycle::LifecycleHook`] is told first.
+    pub fn request_reset(&self) {
+        self.shared.send(VmEvent::HostReset);
+    }
+
+    /// Ends the machine with [`Outcome::Exit`]`(status)` (`-action panic=exit-failure`).
+    pub fn request_exit(&self, status: i32) {
+        self.shared.send(VmEvent::Io(IoAction::Exit(status)));
+    }
+
+    /// Reports a guest panic (the Hyper-V crash path: `params` = CRASH_P0..P4). The life-cycle hook applies
+    /// `action`; without one, `Pause` holds the vCPUs for good, `Shutdown` stops the machine and
+    /// `ExitFailure` ends it with status 1. Call it with no machine lock held; safe on a vCPU thread.
+    pub fn guest_panicked(
+        &self,
+        params: Option<[u64; 5]>,
+        action: crate::lifecycle::PanicAction,
+    ) {
+        use crate::lifecycle::PanicAction;
+        if let Some(hook) = self.shared.lifecycle_hook.get() {
+            hook.guest_panicked(params, action);
+            return;
+        }
+        match action {
+            PanicAction::None => {}
+            PanicAction::Pause => std::mem::forget(self.hold_all()),
+            PanicAction::Shutdown => self.stop(),
+            PanicAction::ExitFailure => {
+                std::mem::forget(self.hold_all());
+                self.request_exit(1);
+            }
+        }
+    }
+
+    /// Installs the life-cycle hook. Fails if one is already installed.
+    pub fn set_lifecycle_hook(
+        &self,
+        hook: Arc<dyn crate::lifecycle::LifecycleHook>,
+    ) -> Result<(), VmError> {
+        self.shared
+            .lifecycle_hook
+            .set(hook)
+            .map_err(|_| VmError::Config("a life-cycle hook is already installed".into()))
     }
 
     /// Guest RAM.
@@ -799,6 +864,7 @@ impl Machine {
             apic_cfg,
             tsc_offset_attr,
             rendezvous: Mutex::new(()),
+            lifecycle_hook: OnceLock::new(),
         });
 
         // Load the kernel and set the BSP's entry state.
@@ -947,8 +1013,27 @@ impl Machine {
             match ev {
                 VmEvent::Io(IoAction::None) => {}
                 VmEvent::Io(IoAction::Exit(code)) => return Outcome::Exit(code),
-                VmEvent::Io(IoAction::PowerOff) => return Outcome::PowerOff,
+                VmEvent::Io(IoAction::PowerOff) => {
+                    if let Some(hook) = self.shared.lifecycle_hook.get() {
+                        hook.power_off();
+                    }
+                    return Outcome::PowerOff;
+                }
+                VmEvent::HostReset => {
+                    if let Some(hook) = self.shared.lifecycle_hook.get() {
+                        hook.reset(false, !self.no_reboot);
+                    }
+                    if self.no_reboot {
+                        return Outcome::Stopped;
+                    }
+                    if let Err(e) = self.reset() {
+                        return Outcome::Error(e);
+                    }
+                }
                 VmEvent::Io(IoAction::Reset) => {
+                    if let Some(hook) = self.shared.lifecycle_hook.get() {
+                        hook.reset(true, !self.no_reboot);
+                    }
                     if self.no_reboot {
                         return Outcome::Stopped;
                     }
@@ -957,6 +1042,9 @@ impl Machine {
                     }
                 }
                 VmEvent::TripleFault { vcpu, dump } => {
+                    if let Some(hook) = self.shared.lifecycle_hook.get() {
+                        hook.reset(true, !self.no_reboot);
+                    }
                     if self.no_reboot {
                         eprintln!(
                             "warning: triple fault on vCPU {vcpu}; stopping (--no-reboot): {dump}"
