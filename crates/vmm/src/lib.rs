@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod devices;
 pub mod diag;
 pub mod host;
+pub mod hv;
 pub mod kick;
 pub mod layout;
 pub mod lifecycle;
@@ -19,6 +20,6 @@ pub use boot::{BootEntry, EntryMode};
 pub use layout::{parse_mem_size, MemoryLayout, RamRegion};
 pub use machine::{
     BootLoader, EoiHook, IoAction, IoDevices, Machine, MsrHook, Outcome, Paused, PortHook,
-    VcpuRequest, VmConfig, VmError, VmHandle,
+    PortResult, VcpuHook, VcpuRequest, VmConfig, VmError, VmHandle,
 };
 pub use vcpu::{HV_MSR_FIRST, HV_MSR_LAST, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};

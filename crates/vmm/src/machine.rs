@@ -81,6 +81,48 @@ pub trait PortHook: Send + Sync {
     /// A port write; `regs` are the vCPU's general-purpose registers, which the hook may change (return true
     /// if it did).
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8], regs: &mut kvm_regs) -> bool;
+    /// A port write with the system registers too (processor mode, CPL) and the option to inject #UD. The
+    /// machine calls this one; the default forwards to [`PortHook::pio_write`].
+    fn pio_write_full(
+        &self,
+        vcpu: usize,
+        port: u16,
+        data: &[u8],
+        regs: &mut kvm_regs,
+        _sregs: &kvm_sregs,
+    ) -> PortResult {
+        if self.pio_write(vcpu, port, data, regs) {
+            PortResult::RegsChanged
+        } else {
+            PortResult::Unchanged
+        }
+    }
+}
+
+/// What the machine does after a [`PortHook::pio_write_full`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortResult {
+    /// Nothing changed.
+    Unchanged,
+    /// The hook changed the general-purpose registers: hand them back to KVM (through the sync-regs area).
+    RegsChanged,
+    /// Inject #UD into the vCPU (no register change).
+    InjectUd,
+}
+
+/// Work that must run on a vCPU's own thread (the Hyper-V engine's timer expiries and deferred work), plus
+/// life-cycle notifications. Installed with [`Machine::set_vcpu_hook`].
+pub trait VcpuHook: Send + Sync {
+    /// Called once on vCPU `vcpu`'s thread when the thread starts (e.g. to find its CPU-time clock).
+    fn thread_started(&self, _vcpu: usize) {}
+    /// Whether vCPU `vcpu` has queued work. Called with the vCPU's state locked before every entry and on every
+    /// wake-up (also while halted), so it must be cheap and must not take machine locks. Whoever queues work
+    /// wakes the vCPU with [`VmHandle::kick`].
+    fn has_work(&self, vcpu: usize) -> bool;
+    /// Runs vCPU `vcpu`'s queued work, on its thread, with no machine lock held.
+    fn run_work(&self, vcpu: usize);
+    /// The VM is being reset: every vCPU is paused, RAM was reloaded and the devices were reset.
+    fn vm_reset(&self) {}
 }
 
 /// Observes every EOI that cleared an ISR bit (the Hyper-V engine redelivers pending SynIC messages from
@@ -314,6 +356,7 @@ pub(crate) struct VmShared {
     pub msr_hook: OnceLock<Arc<dyn MsrHook>>,
     pub port_hook: OnceLock<Arc<dyn PortHook>>,
     pub eoi_hook: OnceLock<Arc<dyn EoiHook>>,
+    pub vcpu_hook: OnceLock<Arc<dyn VcpuHook>>,
     pub apic_cfg: ApicConfig,
     /// Whether `KVM_VCPU_TSC_OFFSET` works and the guest really sees the offset; otherwise guest writes to
     /// IA32_TSC / IA32_TSC_ADJUST leave the TSC unchanged (as the host would anyway).
@@ -624,6 +667,29 @@ impl VmHandle {
         Some(self.shared.guest_tsc(&st))
     }
 
+    /// Wakes vCPU `i` wherever it is (in `KVM_RUN`, halted, waiting), so that it re-checks its queued work
+    /// ([`VcpuHook::has_work`]) and pending interrupts. Safe from any thread, including vCPU `i`'s own.
+    pub fn kick(&self, i: usize) {
+        if let Some(v) = self.shared.vcpus.get(i) {
+            // Taking the state lock orders the kick after any check made under it: no lost wake-up.
+            let _st = v.lock();
+            v.wake_up();
+        }
+    }
+
+    /// Asks the machine's main thread to perform `action` (power off, exit with a status, reset) as if a
+    /// device had requested it. Safe from any thread.
+    pub fn request(&self, action: IoAction) {
+        if action != IoAction::None {
+            self.shared.send(VmEvent::Io(action));
+        }
+    }
+
+    /// Number of KVM exits vCPU `i` has handled so far.
+    pub fn exit_count(&self, i: usize) -> Option<u64> {
+        self.shared.vcpus.get(i).map(|v| v.lock().exits)
+    }
+
     /// Whether vCPU `i` is parked right now.
     pub fn is_parked(&self, i: usize) -> bool {
         self.shared.vcpus.get(i).is_some_and(|v| v.lock().parked)
@@ -861,6 +927,7 @@ impl Machine {
             msr_hook: once(cfg.msr_hook.clone()),
             port_hook: once(cfg.port_hook.clone()),
             eoi_hook: once(cfg.eoi_hook.clone()),
+            vcpu_hook: OnceLock::new(),
             apic_cfg,
             tsc_offset_attr,
             rendezvous: Mutex::new(()),
@@ -910,6 +977,14 @@ impl Machine {
             .eoi_hook
             .set(hook)
             .map_err(|_| VmError::Config("an EOI hook is already installed".into()))
+    }
+
+    /// Installs the per-vCPU work hook. Fails if one is already installed.
+    pub fn set_vcpu_hook(&self, hook: Arc<dyn VcpuHook>) -> Result<(), VmError> {
+        self.shared
+            .vcpu_hook
+            .set(hook)
+            .map_err(|_| VmError::Config("a vCPU hook is already installed".into()))
     }
 
     /// A handle for other threads (pause/resume, stop, memory).
@@ -1087,6 +1162,9 @@ impl Machine {
         let entry = self.loader.load(&self.shared.mem, &self.shared.layout)?;
         boot::write_boot_structures(&self.shared.mem, entry.mode)?;
         self.shared.devices.reset();
+        if let Some(h) = self.shared.vcpu_hook.get() {
+            h.vm_reset();
+        }
         for i in 0..self.shared.vcpus.len() {
             paused.post(
                 i,

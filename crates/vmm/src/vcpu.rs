@@ -15,7 +15,7 @@ use crate::apic::{
 use crate::boot::{self, BootEntry};
 use crate::diag;
 use crate::machine::{
-    InitialState, IoAction, RunState, VcpuRequest, VcpuShared, VmEvent, VmShared,
+    InitialState, IoAction, PortResult, RunState, VcpuRequest, VcpuShared, VmEvent, VmShared,
 };
 use crate::timer::host_tsc;
 
@@ -197,6 +197,9 @@ pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, i
     // SAFETY: the pointer refers to the kvm_run mapping owned by `fd`, which outlives the publication: the
     // kicker is unpublished below before `fd` is dropped.
     unsafe { me.kicker.publish(immediate_exit) };
+    if let Some(h) = shared.vcpu_hook.get() {
+        h.thread_started(index);
+    }
     let mut ctx = Ctx {
         shared: shared.clone(),
         index,
@@ -340,6 +343,14 @@ impl Ctx {
                     }
                     st = me.lock();
                     continue;
+                }
+                if let Some(h) = shared.vcpu_hook.get() {
+                    if h.has_work(self.index) {
+                        drop(st);
+                        h.run_work(self.index);
+                        st = me.lock();
+                        continue;
+                    }
                 }
                 if st.apic.take_init() {
                     st.apic.init_reset();
@@ -660,11 +671,29 @@ impl Ctx {
             Deferred::None => Ok(()),
             Deferred::PortHook(port, data) => {
                 if let Some(hook) = self.shared.port_hook.get().cloned() {
-                    let mut regs: kvm_regs = fd.sync_regs().regs;
-                    if hook.pio_write(index, port, &data, &mut regs) {
-                        // Handed back through the sync-regs area: KVM loads it on the next entry, no ioctl.
-                        fd.sync_regs_mut().regs = regs;
-                        fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+                    let sync = fd.sync_regs();
+                    let mut regs: kvm_regs = sync.regs;
+                    let sregs = sync.sregs;
+                    match hook.pio_write_full(index, port, &data, &mut regs, &sregs) {
+                        PortResult::Unchanged => {}
+                        PortResult::RegsChanged => {
+                            // Handed back through the sync-regs area: KVM loads it on the next entry, no ioctl.
+                            fd.sync_regs_mut().regs = regs;
+                            fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+                        }
+                        PortResult::InjectUd => {
+                            let mut ev = fd.get_vcpu_events().map_err(|e| {
+                                format!("KVM_GET_VCPU_EVENTS failed on vCPU {index}: {e}")
+                            })?;
+                            ev.exception.injected = 1;
+                            ev.exception.nr = 6;
+                            ev.exception.has_error_code = 0;
+                            ev.exception.error_code = 0;
+                            ev.flags = 0;
+                            fd.set_vcpu_events(&ev).map_err(|e| {
+                                format!("KVM_SET_VCPU_EVENTS failed on vCPU {index}: {e}")
+                            })?;
+                        }
                     }
                 }
                 Ok(())

@@ -1,0 +1,364 @@
+//! The Hyper-V engine connected to the KVM machine: a [`hyperv::Platform`] over the machine, and the machine
+//! hooks that forward synthetic-MSR accesses, hypercall-port exits, EOIs and per-vCPU work to the engine.
+//!
+//! # Data path
+//!
+//! ```text
+//! guest rdmsr/wrmsr 0x4000_0000..=0x4000_01FF
+//!   → KVM_EXIT_X86_RDMSR/WRMSR (reason UNKNOWN)            vcpu.rs run_once
+//!   → MsrHook::rdmsr/wrmsr (HvMsrHook)                      on the vCPU thread, no machine lock held
+//!   → Engine::read_msr/write_msr → Ok(value) | Err(Gp)      kvm_run.msr.error = 1 for #GP
+//!
+//! guest `call` into the hypercall page: `out 0xE4, al; ret`
+//!   → KVM_EXIT_IO (port 0xE4, 1 byte)                       registers from KVM_CAP_SYNC_REGS (no ioctl)
+//!   → PortHook::pio_write_full (HvPortHook)                  mode/CPL from the synced sregs
+//!   → Engine::hypercall → Complete{rax, rdx} | InjectUd      RAX (and RDX, 32-bit) back through sync regs;
+//!                                                            #UD with KVM_SET_VCPU_EVENTS (rare path)
+//!
+//! APIC EOI of a vector (userspace APIC)       → EoiHook::eoi → Engine::apic_eoi
+//! engine → Platform (VmmPlatform):
+//!   read_gpa/write_gpa/atomics  → guest RAM through vm-memory / atomics on the host mapping; mark_dirty → set
+//!   deliver_interrupt           → LocalApic::set_auto_eoi + accept_fixed, vCPU woken (VmHandle::with_apic)
+//!   guest_tsc                   → host RDTSC + the vCPU's TSC offset (userspace, no ioctl)
+//!   vp_runtime_ns               → CLOCK of the vCPU thread (pthread_getcpuclockid, found on that thread)
+//!   arm_timer/cancel_timer      → the hv timer thread (deadlines in reference time); expiry queues
+//!                                 `timer_expired` as work for that vCPU and kicks it
+//!   run_on_vp/kick_vp           → per-vCPU work queue + VmHandle::kick; the vCPU runs it through
+//!                                 VcpuHook::run_work on its own thread before it next enters the guest
+//!   event(GuestPanicked)        → `warning: Guest crashed` + `warning: HV crash parameters: (...)` on stderr,
+//!                                 the panic notifier (QMP GUEST_PANICKED), then `-action panic=`
+//!   event(ResetRequested)       → IoAction::Reset to the machine's main thread (system reset, or stop with
+//!                                 --no-reboot); the machine calls VcpuHook::vm_reset → Engine::reset
+//! ```
+//!
+//! Platform methods never call back into the engine (the engine may hold its locks while it calls them); the
+//! follow-up engine calls are made later from the vCPU's thread (work queue), from the timer thread, or from the
+//! machine's reset path.
+
+mod platform;
+mod timers;
+
+use std::sync::{Arc, Mutex};
+
+use hyperv::cpuid::CpuidEntry;
+use hyperv::{CpuMode, Engine, EngineConfig, HvCpuid, HypercallOutcome, HypercallRegs, VpId};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::apic::{Eoi, Gp};
+use crate::machine::{EoiHook, Machine, MsrHook, PortHook, PortResult, VcpuHook, VmError};
+use crate::{HV_MSR_FIRST, HV_MSR_LAST};
+
+pub use platform::{GuestPanic, PanicNotifier, VmmPlatform};
+
+/// What the VMM does when the guest reports a panic (`-action panic=...`, QEMU's spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PanicAction {
+    /// Stop the VM; the process exits with status 0 (QEMU's default, `shutdown`).
+    #[default]
+    Shutdown,
+    /// Stop every vCPU and keep the process alive (QMP `cont` may resume it).
+    Pause,
+    /// Let the guest continue (e.g. so that Windows writes its dump).
+    None,
+    /// Stop the VM; the process exits with status 1.
+    ExitFailure,
+}
+
+impl PanicAction {
+    /// Parses a `panic=` value of `-action`.
+    pub fn parse(s: &str) -> Result<PanicAction, String> {
+        match s {
+            "shutdown" => Ok(PanicAction::Shutdown),
+            "pause" => Ok(PanicAction::Pause),
+            "none" => Ok(PanicAction::None),
+            "exit-failure" => Ok(PanicAction::ExitFailure),
+            _ => Err(format!(
+                "invalid -action panic value '{s}' (expected shutdown, pause, none or exit-failure)"
+            )),
+        }
+    }
+
+    /// QEMU's name for the action.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PanicAction::Shutdown => "shutdown",
+            PanicAction::Pause => "pause",
+            PanicAction::None => "none",
+            PanicAction::ExitFailure => "exit-failure",
+        }
+    }
+}
+
+/// How to build the engine for a machine.
+#[derive(Clone)]
+pub struct HvSetup {
+    /// The CPUID table the guest gets (the engine gates MSRs and hypercalls on it).
+    pub cpuid: Vec<CpuidEntry>,
+    /// `hv-enforce-cpuid`.
+    pub enforce_cpuid: bool,
+    /// The APIC bus frequency (HV_X64_MSR_APIC_FREQUENCY).
+    pub apic_frequency_hz: u64,
+    /// `-action panic=`.
+    pub panic_action: PanicAction,
+}
+
+/// Whether `cpuid` turns Hyper-V identification on (0x40000001.EAX = "Hv#1"): only then is the engine
+/// installed.
+pub fn hyperv_enabled(cpuid: &[CpuidEntry]) -> bool {
+    HvCpuid::from_entries(cpuid).enabled()
+}
+
+/// The engine installed on a machine. Keep it for the machine's lifetime; call [`HvGlue::shutdown`] after
+/// [`Machine::run`] returned.
+pub struct HvGlue {
+    engine: Arc<Engine<VmmPlatform>>,
+}
+
+impl HvGlue {
+    /// Creates the engine for `machine` (after [`Machine::new`], before [`Machine::run`]) and installs the MSR,
+    /// port, EOI and vCPU hooks. VP indexes are the vCPUs' APIC IDs.
+    pub fn install(machine: &Machine, setup: HvSetup) -> Result<Arc<HvGlue>, VmError> {
+        let handle = machine.handle();
+        let n = handle.vcpu_count();
+        let hv_cpuid = HvCpuid::from_entries(&setup.cpuid);
+        let mut config = EngineConfig::new(hv_cpuid, setup.enforce_cpuid, n as u32);
+        config.vp_indexes = (0..n)
+            .map(|i| handle.with_apic(i, |a| a.initial_id()).unwrap_or(i as u32))
+            .collect();
+        config.apic_frequency_hz = setup.apic_frequency_hz;
+        let crash_info = hv_cpuid.features_edx & hyperv::guest::edx3::CRASH_MSRS != 0;
+        let platform = VmmPlatform::new(handle, setup.panic_action, crash_info);
+        let timers = platform.timers();
+        let engine =
+            Arc::new(Engine::new(config, platform).map_err(|e| VmError::Config(e.to_string()))?);
+        timers
+            .start(Arc::downgrade(&engine))
+            .map_err(|e| VmError::Setup {
+                what: "Hyper-V timer thread",
+                err: e.to_string(),
+            })?;
+        let glue = Arc::new(HvGlue { engine });
+        machine.set_msr_hook(Arc::new(HvMsrHook(glue.engine.clone())))?;
+        machine.set_port_hook(Arc::new(HvPortHook(glue.engine.clone())))?;
+        machine.set_eoi_hook(Arc::new(HvEoiHook(glue.engine.clone())))?;
+        machine.set_vcpu_hook(Arc::new(HvVcpuHook(glue.engine.clone())))?;
+        Ok(glue)
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine<VmmPlatform>> {
+        &self.engine
+    }
+
+    /// Sets the callback told about every guest panic (before `-action panic=` is applied): the QMP server
+    /// turns it into GUEST_PANICKED. Replaces a previous one.
+    pub fn set_panic_notifier(&self, notifier: PanicNotifier) {
+        self.engine.platform().set_panic_notifier(notifier);
+    }
+
+    /// Resumes the vCPUs stopped by `-action panic=pause` (QMP `cont`). Returns whether they were paused.
+    pub fn resume_after_panic(&self) -> bool {
+        self.engine.platform().resume_after_panic()
+    }
+
+    /// Whether the vCPUs are stopped by `-action panic=pause`.
+    pub fn panic_paused(&self) -> bool {
+        self.engine.platform().panic_paused()
+    }
+
+    /// Takes the set of guest pages the engine wrote since the last call (page frame numbers), for migration.
+    pub fn take_dirty_pages(&self) -> Vec<u64> {
+        self.engine.platform().take_dirty_pages()
+    }
+
+    /// Stops the timer thread and releases paused vCPUs. Call after [`Machine::run`] returned.
+    pub fn shutdown(&self) {
+        self.engine.platform().shutdown();
+    }
+}
+
+/// The synthetic MSR range → the engine.
+struct HvMsrHook(Arc<Engine<VmmPlatform>>);
+
+impl MsrHook for HvMsrHook {
+    fn rdmsr(&self, vcpu: usize, msr: u32) -> Option<Result<u64, Gp>> {
+        if !(HV_MSR_FIRST..=HV_MSR_LAST).contains(&msr) {
+            return None;
+        }
+        Some(self.0.read_msr(VpId(vcpu as u32), msr).map_err(|_| Gp))
+    }
+
+    fn wrmsr(&self, vcpu: usize, msr: u32, value: u64) -> Option<Result<(), Gp>> {
+        if !(HV_MSR_FIRST..=HV_MSR_LAST).contains(&msr) {
+            return None;
+        }
+        Some(
+            self.0
+                .write_msr(VpId(vcpu as u32), msr, value)
+                .map_err(|_| Gp),
+        )
+    }
+}
+
+/// The processor mode and CPL for the hypercall calling convention, from the synced system registers.
+pub fn cpu_mode(sregs: &kvm_sregs, rflags: u64) -> (CpuMode, u8) {
+    const CR0_PE: u64 = 1;
+    const EFER_LMA: u64 = 1 << 10;
+    const RFLAGS_VM: u64 = 1 << 17;
+    // KVM takes the CPL from SS.DPL.
+    let cpl = sregs.ss.dpl & 3;
+    let mode = if sregs.cr0 & CR0_PE == 0 || rflags & RFLAGS_VM != 0 {
+        CpuMode::Real
+    } else if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 {
+        CpuMode::Long64
+    } else {
+        CpuMode::Protected32
+    };
+    (mode, cpl)
+}
+
+/// The hypercall port (`out 0xE4, al` in the hypercall page) → the engine.
+struct HvPortHook(Arc<Engine<VmmPlatform>>);
+
+impl PortHook for HvPortHook {
+    fn handles(&self, port: u16) -> bool {
+        port == u16::from(hyperv::hcpage::HYPERCALL_PORT)
+    }
+
+    fn pio_write(&self, _vcpu: usize, _port: u16, _data: &[u8], _regs: &mut kvm_regs) -> bool {
+        // Only reached by a machine that does not call `pio_write_full`; a hypercall needs the mode.
+        false
+    }
+
+    fn pio_write_full(
+        &self,
+        vcpu: usize,
+        port: u16,
+        data: &[u8],
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> PortResult {
+        if !hyperv::hcpage::is_hypercall_port_exit(port, data.len(), true) {
+            // A wider access to the private port: ignored like any unassigned port write.
+            return PortResult::Unchanged;
+        }
+        let (mode, cpl) = cpu_mode(sregs, regs.rflags);
+        let hregs = HypercallRegs {
+            mode,
+            cpl,
+            rax: regs.rax,
+            rbx: regs.rbx,
+            rcx: regs.rcx,
+            rdx: regs.rdx,
+            rsi: regs.rsi,
+            rdi: regs.rdi,
+            r8: regs.r8,
+            // XMM fast input would need KVM_GET_XSAVE; hv-xmm-input is not advertised by this glue yet and the
+            // engine answers such calls without it.
+            xmm: None,
+        };
+        match self.0.hypercall(VpId(vcpu as u32), &hregs) {
+            HypercallOutcome::Complete(w) => {
+                regs.rax = w.rax;
+                if let Some(rdx) = w.rdx {
+                    regs.rdx = rdx;
+                }
+                PortResult::RegsChanged
+            }
+            HypercallOutcome::InjectUd => PortResult::InjectUd,
+        }
+    }
+}
+
+/// EOIs of the userspace APIC → SynIC acknowledgement.
+struct HvEoiHook(Arc<Engine<VmmPlatform>>);
+
+impl EoiHook for HvEoiHook {
+    fn eoi(&self, vcpu: usize, eoi: Eoi) {
+        self.0.apic_eoi(VpId(vcpu as u32), eoi.vector);
+    }
+}
+
+/// Per-vCPU work (timer expiries, deferred engine work) and the VM reset.
+struct HvVcpuHook(Arc<Engine<VmmPlatform>>);
+
+impl VcpuHook for HvVcpuHook {
+    fn thread_started(&self, vcpu: usize) {
+        self.0.platform().register_vcpu_thread(vcpu);
+    }
+
+    fn has_work(&self, vcpu: usize) -> bool {
+        self.0.platform().has_work(vcpu)
+    }
+
+    fn run_work(&self, vcpu: usize) {
+        for w in self.0.platform().take_work(vcpu) {
+            match w {
+                platform::Work::Timer(t) => self.0.timer_expired(VpId(vcpu as u32), t),
+                platform::Work::Engine(work) => self.0.run_vp_work(VpId(vcpu as u32), work),
+            }
+        }
+    }
+
+    fn vm_reset(&self) {
+        // QEMU's system reset clears the Hyper-V state; the guest TSCs keep running here, and re-basing at the
+        // current reference time keeps TIME_REF_COUNT continuous either way.
+        let now = self.0.reference_time(VpId(0));
+        self.0.platform().clear_work();
+        self.0.reset();
+        self.0.rebase_reference_time(now);
+    }
+}
+
+/// Shared slot for the vCPUs paused by `-action panic=pause`.
+pub(crate) type PausedSlot = Mutex<Option<crate::machine::Paused>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_action_values() {
+        let cases = [
+            ("shutdown", Some(PanicAction::Shutdown)),
+            ("pause", Some(PanicAction::Pause)),
+            ("none", Some(PanicAction::None)),
+            ("exit-failure", Some(PanicAction::ExitFailure)),
+            ("poweroff", None),
+            ("", None),
+        ];
+        for (s, want) in cases {
+            let got = PanicAction::parse(s).ok();
+            assert_eq!(got, want, "{s}");
+            if let Some(a) = got {
+                assert_eq!(a.as_str(), s);
+            }
+        }
+    }
+
+    #[test]
+    fn modes_from_sregs() {
+        let mut long = kvm_sregs::default();
+        long.cr0 = 0x8000_0011;
+        long.efer = 0x500;
+        long.cs.l = 1;
+        let mut user = long;
+        user.ss.dpl = 3;
+        let mut compat = long;
+        compat.cs.l = 0;
+        let mut prot = kvm_sregs::default();
+        prot.cr0 = 0x11;
+        let real = kvm_sregs::default();
+        let cases = [
+            (long, 2u64, CpuMode::Long64, 0u8),
+            (user, 2, CpuMode::Long64, 3),
+            (compat, 2, CpuMode::Protected32, 0),
+            (prot, 2, CpuMode::Protected32, 0),
+            (prot, 2 | (1 << 17), CpuMode::Real, 0),
+            (real, 2, CpuMode::Real, 0),
+        ];
+        for (i, (s, flags, mode, cpl)) in cases.into_iter().enumerate() {
+            assert_eq!(cpu_mode(&s, flags), (mode, cpl), "case {i}");
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! [`hyperv::Platform`] over the KVM machine.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hyperv::{Event, MemError, Platform, TimerId, VpId, VpWork};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::timers::HvTimers;
+use super::{PanicAction, PausedSlot};
+use crate::machine::{IoAction, VmHandle};
+
+const PAGE_SHIFT: u32 = 12;
+
+/// A guest panic, as reported to the [`PanicNotifier`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestPanic {
+    /// The vCPU index that wrote CRASH_CTL.
+    pub vcpu: usize,
+    /// CRASH_P0..P4 (QEMU's `arg1..arg5` of the `hyper-v` panic information), or `None` when hv-crash is off
+    /// (QEMU then sends GUEST_PANICKED without `info`).
+    pub hyperv_params: Option<[u64; 5]>,
+    /// The `-action panic=` the VMM applies right after the notification.
+    pub action: PanicAction,
+}
+
+/// Called on every guest panic, on the crashing vCPU's thread, before the action is applied. Must not block
+/// for long and must not call into the engine.
+pub type PanicNotifier = Arc<dyn Fn(&GuestPanic) + Send + Sync>;
+
+/// Work queued for a vCPU's thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    Timer(TimerId),
+    Engine(VpWork),
+}
+
+struct VcpuSlot {
+    /// `clockid_t` of the vCPU thread's CPU-time clock; `i64::MIN` until the thread registered.
+    cpu_clock: AtomicI64,
+    has_work: AtomicBool,
+    work: Mutex<Vec<Work>>,
+}
+
+/// The platform the engine runs on inside this VMM.
+pub struct VmmPlatform {
+    handle: VmHandle,
+    tsc_hz: u64,
+    vcpus: Vec<VcpuSlot>,
+    timers: Arc<HvTimers>,
+    dirty: Mutex<BTreeSet<u64>>,
+    panic_action: PanicAction,
+    crash_info: bool,
+    notifier: Mutex<Option<PanicNotifier>>,
+    paused: Arc<PausedSlot>,
+    panics: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VmmPlatform {
+    pub(crate) fn new(
+        handle: VmHandle,
+        panic_action: PanicAction,
+        crash_info: bool,
+    ) -> VmmPlatform {
+        let n = handle.vcpu_count();
+        VmmPlatform {
+            tsc_hz: u64::from(handle.tsc_khz()) * 1000,
+            vcpus: (0..n)
+                .map(|_| VcpuSlot {
+                    cpu_clock: AtomicI64::new(i64::MIN),
+                    has_work: AtomicBool::new(false),
+                    work: Mutex::new(Vec::new()),
+                })
+                .collect(),
+            handle,
+            timers: Arc::new(HvTimers::default()),
+            dirty: Mutex::new(BTreeSet::new()),
+            panic_action,
+            crash_info,
+            notifier: Mutex::new(None),
+            paused: Arc::new(Mutex::new(None)),
+            panics: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn timers(&self) -> Arc<HvTimers> {
+        self.timers.clone()
+    }
+
+    /// The machine handle.
+    pub fn handle(&self) -> &VmHandle {
+        &self.handle
+    }
+
+    /// Number of guest panics reported so far.
+    pub fn panic_count(&self) -> u64 {
+        self.panics.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_panic_notifier(&self, n: PanicNotifier) {
+        *lock(&self.notifier) = Some(n);
+    }
+
+    pub(crate) fn resume_after_panic(&self) -> bool {
+        lock(&self.paused).take().is_some()
+    }
+
+    pub(crate) fn panic_paused(&self) -> bool {
+        lock(&self.paused).is_some()
+    }
+
+    pub(crate) fn take_dirty_pages(&self) -> Vec<u64> {
+        std::mem::take(&mut *lock(&self.dirty))
+            .into_iter()
+            .collect()
+    }
+
+    pub(crate) fn shutdown(&self) {
+        self.timers.stop();
+        drop(lock(&self.paused).take());
+    }
+
+    /// Called on vCPU `i`'s thread when it starts: remembers its CPU-time clock.
+    pub(crate) fn register_vcpu_thread(&self, i: usize) {
+        let Some(slot) = self.vcpus.get(i) else {
+            return;
+        };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self() is the calling thread, which is alive; `clock` is a valid out pointer.
+        let ret = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        if ret == 0 {
+            slot.cpu_clock.store(i64::from(clock), Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn has_work(&self, i: usize) -> bool {
+        self.vcpus
+            .get(i)
+            .is_some_and(|s| s.has_work.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn take_work(&self, i: usize) -> Vec<Work> {
+        let Some(slot) = self.vcpus.get(i) else {
+            return Vec::new();
+        };
+        let mut q = lock(&slot.work);
+        slot.has_work.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *q)
+    }
+
+    pub(crate) fn clear_work(&self) {
+        self.timers.clear();
+        for s in &self.vcpus {
+            let mut q = lock(&s.work);
+            s.has_work.store(false, Ordering::SeqCst);
+            q.clear();
+        }
+    }
+
+    fn queue(&self, vp: VpId, w: Work) {
+        let Some(slot) = self.vcpus.get(vp.index()) else {
+            return;
+        };
+        {
+            let mut q = lock(&slot.work);
+            if !q.contains(&w) {
+                q.push(w);
+            }
+            slot.has_work.store(true, Ordering::SeqCst);
+        }
+        self.handle.kick(vp.index());
+    }
+
+    pub(crate) fn queue_timer(&self, vp: VpId, t: TimerId) {
+        self.queue(vp, Work::Timer(t));
+    }
+
+    /// The host address of the naturally aligned u64 at `gpa`.
+    fn atomic_u64(&self, gpa: u64) -> Result<&AtomicU64, MemError> {
+        if gpa % 8 != 0 {
+            return Err(MemError::Misaligned { gpa });
+        }
+        let mem = self.handle.memory();
+        let not_ram = MemError::NotRam { gpa, len: 8 };
+        if !mem.check_range(GuestAddress(gpa), 8) {
+            return Err(not_ram);
+        }
+        let host = mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| not_ram)?;
+        // SAFETY: `host` points into the live guest RAM mapping (checked above to cover 8 bytes), which lives as
+        // long as the machine (and `self.handle` keeps it alive); it is 8-byte aligned because the mapping is
+        // page-aligned and `gpa` is 8-aligned. Guest RAM is shared memory that the guest also accesses
+        // concurrently, which is exactly what atomic operations are for; no Rust reference to these bytes
+        // exists elsewhere.
+        Ok(unsafe { AtomicU64::from_ptr(host.cast::<u64>()) })
+    }
+}
+
+impl Platform for VmmPlatform {
+    fn read_gpa(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        if !self.is_ram(gpa, len) {
+            return Err(MemError::NotRam { gpa, len });
+        }
+        self.handle
+            .memory()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemError::NotRam { gpa, len })
+    }
+
+    fn write_gpa(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        if !self.is_ram(gpa, len) {
+            return Err(MemError::NotRam { gpa, len });
+        }
+        self.handle
+            .memory()
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemError::NotRam { gpa, len })
+    }
+
+    fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+        Ok(self.atomic_u64(gpa)?.fetch_or(bits, Ordering::SeqCst))
+    }
+
+    fn compare_exchange_u64(&self, gpa: u64, current: u64, new: u64) -> Result<u64, MemError> {
+        let a = self.atomic_u64(gpa)?;
+        Ok(
+            match a.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
+
+    fn mark_dirty(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> PAGE_SHIFT;
+        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
+        let mut d = lock(&self.dirty);
+        // The engine writes at most a few pages at once; cap the loop anyway.
+        for pfn in first..=last.min(first.saturating_add(1 << 20)) {
+            d.insert(pfn);
+        }
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        let Ok(len) = usize::try_from(len) else {
+            return false;
+        };
+        if gpa.checked_add(len as u64).is_none() {
+            return false;
+        }
+        len == 0 || self.handle.memory().check_range(GuestAddress(gpa), len)
+    }
+
+    fn deliver_interrupt(&self, vp: VpId, vector: u8, auto_eoi: bool) {
+        let _ = self.handle.with_apic(vp.index(), |apic| {
+            apic.set_auto_eoi(vector, auto_eoi);
+            apic.accept_fixed(vector, false)
+        });
+    }
+
+    fn guest_tsc(&self, vp: VpId) -> u64 {
+        self.handle
+            .guest_tsc(vp.index())
+            .or_else(|| self.handle.guest_tsc(0))
+            .unwrap_or(0)
+    }
+
+    fn tsc_frequency_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
+    fn vp_runtime_ns(&self, vp: VpId) -> u64 {
+        let Some(slot) = self.vcpus.get(vp.index()) else {
+            return 0;
+        };
+        let clock = slot.cpu_clock.load(Ordering::SeqCst);
+        let Ok(clock) = libc::clockid_t::try_from(clock) else {
+            return 0;
+        };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out pointer; an invalid clock id (thread ended) makes the call fail.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return 0;
+        }
+        (ts.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec as u64)
+    }
+
+    fn arm_timer(&self, vp: VpId, timer: TimerId, deadline: u64) {
+        self.timers.arm(vp, timer, deadline);
+    }
+
+    fn cancel_timer(&self, vp: VpId, timer: TimerId) {
+        self.timers.cancel(vp, timer);
+    }
+
+    fn run_on_vp(&self, vp: VpId, work: VpWork) {
+        self.queue(vp, Work::Engine(work));
+    }
+
+    fn kick_vp(&self, vp: VpId) {
+        self.handle.kick(vp.index());
+    }
+
+    fn yield_vp(&self, _vp: VpId) {
+        std::thread::yield_now();
+    }
+
+    fn flush_remote_tlb(&self, _caller: VpId, _targets: &[VpId]) {
+        // NOT IMPLEMENTED YET: no hypercall calls this until engine III; it will call
+        // `crate::tlbflush` (being written) once that exists.
+    }
+
+    fn event(&self, event: Event) {
+        match event {
+            Event::GuestPanicked { vp, params } => {
+                self.panics.fetch_add(1, Ordering::SeqCst);
+                // QEMU logs these two lines; the `warning: ` prefix keeps stderr parseable for harnesses that
+                // accept only warnings there.
+                eprintln!("warning: {}", hyperv::crash::GUEST_CRASHED);
+                eprintln!("warning: {}", hyperv::crash::format_crash_params(&params));
+                let info = GuestPanic {
+                    vcpu: vp.index(),
+                    hyperv_params: self.crash_info.then_some(params),
+                    action: self.panic_action,
+                };
+                let notifier = lock(&self.notifier).clone();
+                if let Some(n) = notifier {
+                    n(&info);
+                }
+                match self.panic_action {
+                    PanicAction::Shutdown => self.handle.request(IoAction::PowerOff),
+                    PanicAction::ExitFailure => self.handle.request(IoAction::Exit(1)),
+                    PanicAction::None => {}
+                    PanicAction::Pause => {
+                        // Pausing waits for every vCPU to park, including this one, which is inside an exit
+                        // handler: do it from another thread.
+                        let handle = self.handle.clone();
+                        let slot = self.paused.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("hv-panic-pause".into())
+                            .spawn(move || {
+                                let p = handle.pause_all();
+                                let mut s = lock(&slot);
+                                if s.is_none() {
+                                    *s = Some(p);
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            eprintln!("warning: cannot pause the VM after the guest panic: {e}");
+                        }
+                    }
+                }
+            }
+            Event::ResetRequested { .. } => self.handle.request(IoAction::Reset),
+            Event::SynicChanged { vp, msr, value } => {
+                tracing::debug!(vp = vp.0, msr, value, "SynIC changed");
+            }
+            other => tracing::debug!(?other, "unhandled Hyper-V event"),
+        }
+    }
+}
