@@ -30,6 +30,8 @@ pub struct Engine<P: Platform> {
     pub(crate) partition: Mutex<PartitionState>,
     pub(crate) vps: Vec<Mutex<VpState>>,
     pub(crate) connections: RwLock<Connections>,
+    /// VP index → vCPU, for flush and IPI VP sets (fixed by the configuration).
+    pub(crate) vp_table: crate::flush_ipi::VpIndexTable,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -56,7 +58,9 @@ impl<P: Platform> Engine<P> {
             .iter()
             .map(|&i| Mutex::new(VpState::initial(i)))
             .collect();
+        let vp_table = crate::flush_ipi::VpIndexTable::new(&config.vp_indexes);
         Ok(Engine {
+            vp_table,
             partition: Mutex::new(PartitionState::initial(clock)),
             vps,
             config,
@@ -96,6 +100,9 @@ impl<P: Platform> Engine<P> {
     /// The vCPU with Hyper-V VP index `index` (for IPI and flush VP sets).
     pub fn vp_by_index(&self, index: u32) -> Option<VpId> {
         // VP indexes are fixed by the configuration (restore refuses another layout): no lock needed.
+        if index <= crate::flush_ipi::MAX_SET_VP_INDEX {
+            return self.vp_table.get(index);
+        }
         self.config
             .vp_indexes
             .iter()

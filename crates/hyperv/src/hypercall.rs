@@ -154,10 +154,6 @@ pub fn is_xmm_fast_code(code: u16) -> bool {
     )
 }
 
-/// Codes the engine implements that consume XMM input in their fast form. Engine III adds the flush and IPI
-/// codes here when it implements them.
-const XMM_CONSUMING_CODES: &[u16] = &[];
-
 /// Whether the enforce table (KVM's `hv_check_hypercall_access`) lets the guest make call `code`; only consulted
 /// with `hv-enforce-cpuid`. Unknown codes pass (they fail later with INVALID_HYPERCALL_CODE).
 pub fn hypercall_cpuid_allowed(c: &HvCpuid, code: u16) -> bool {
@@ -213,14 +209,12 @@ impl<P: Platform> Engine<P> {
     }
 
     /// Whether the VMM must read XMM0..5 into [`HypercallRegs::xmm`] before calling [`Engine::hypercall`] for
-    /// these registers (a fast call of an XMM-input code the engine implements).
+    /// these registers: a fast call of 0x0002, 0x0003, 0x0013, 0x0014 or 0x0015, whose inputs continue in
+    /// XMM0..5. Like KVM, the engine uses XMM input for these whether or not hv-xmm-input is offered (only
+    /// hv-enforce-cpuid turns a fast call without it into #UD). `xmm: None` for such a call reads as zeros.
     pub fn hypercall_needs_xmm(&self, regs: &HypercallRegs) -> bool {
         match HypercallInput::from_regs(regs) {
-            Some(input) => {
-                input.fast
-                    && is_xmm_fast_code(input.code)
-                    && XMM_CONSUMING_CODES.contains(&input.code)
-            }
+            Some(input) => input.fast && is_xmm_fast_code(input.code),
             None => false,
         }
     }
@@ -279,8 +273,14 @@ impl<P: Platform> Engine<P> {
         {
             return Err(HypercallFault::Ud);
         }
-        let _xmm = regs.xmm;
         match h.code {
+            hc::FLUSH_VIRTUAL_ADDRESS_SPACE
+            | hc::FLUSH_VIRTUAL_ADDRESS_LIST
+            | hc::FLUSH_VIRTUAL_ADDRESS_SPACE_EX
+            | hc::FLUSH_VIRTUAL_ADDRESS_LIST_EX => Ok(self.hv_flush_tlb(vp, h, regs.xmm)),
+            hc::SEND_SYNTHETIC_CLUSTER_IPI | hc::SEND_SYNTHETIC_CLUSTER_IPI_EX => {
+                status(self.hv_send_ipi(h, regs.xmm))
+            }
             hc::NOTIFY_LONG_SPIN_WAIT => {
                 if h.rep() || h.var_cnt != 0 {
                     return status(hc::STATUS_INVALID_HYPERCALL_INPUT);
@@ -310,7 +310,6 @@ impl<P: Platform> Engine<P> {
                     hc::STATUS_INVALID_HYPERCALL_CODE
                 })
             }
-            // Flush and IPI calls are engine III (issue 7); everything else is unknown.
             _ => status(hc::STATUS_INVALID_HYPERCALL_CODE),
         }
     }

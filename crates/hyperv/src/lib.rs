@@ -21,6 +21,7 @@ pub mod connections;
 pub mod cpuid;
 pub mod crash;
 mod engine;
+pub mod flush_ipi;
 pub mod guest;
 pub mod hcpage;
 pub mod hypercall;

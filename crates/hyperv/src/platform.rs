@@ -116,6 +116,15 @@ pub trait Platform: Send + Sync {
     /// thread; the VMM kicks the target if it is running or halted.
     fn deliver_interrupt(&self, vp: VpId, vector: u8, auto_eoi: bool);
 
+    /// Raises the fixed-mode interrupt `vector` (not auto-EOI) on every VP in `vps` (distinct, ascending), as
+    /// HvCallSendSyntheticClusterIpi(Ex) does: one call for the whole set, so the VMM can deliver it in one pass
+    /// and kick each receiver once. Default: [`Platform::deliver_interrupt`] per VP.
+    fn deliver_interrupt_set(&self, vps: &[VpId], vector: u8) {
+        for &vp in vps {
+            self.deliver_interrupt(vp, vector, false);
+        }
+    }
+
     /// Forwards an x2APIC-style register access (`msr` is the x2APIC MSR number: 0x80B EOI, 0x830 ICR, 0x808 TPR)
     /// to VP `vp`'s local APIC, for the hv-vapic MSRs. `Err(Gp)` means #GP. Default: #GP (no APIC-access support).
     /// This is the one platform method called **without** any engine lock held: the APIC model may call
@@ -173,9 +182,13 @@ pub trait Platform: Send + Sync {
     /// The calling VP `vp` is spinning on a lock (HvCallNotifyLongSpinWait): the VMM may yield the host CPU.
     fn yield_vp(&self, vp: VpId);
 
-    /// Flushes the guest TLB of every VP in `targets` and returns only when no target can still use a stale
-    /// translation (halted or stopped targets may flush before they next run). Called on `caller`'s thread, which
-    /// must not be in `targets`' rendezvous (the caller flushes itself separately). Used by engine III.
+    /// Flushes the guest TLB of every VP in `targets` (distinct; non-empty) and returns only when no target can
+    /// still use a stale translation: a target that is in the guest must be stopped and flushed (or be certain
+    /// to flush before it executes another guest instruction) before this returns; halted or stopped targets
+    /// only need to flush before they next run, without being woken. `targets` may contain `caller` (a flush of
+    /// "all processors" does): the caller then flushes itself before it re-enters the guest; a caller that is
+    /// not in `targets` keeps its TLB. Called on `caller`'s thread (HvCallFlushVirtualAddress*), with no engine
+    /// lock held; `vmm::tlbflush::flush_vcpus` implements it for the enlighten VMM.
     fn flush_remote_tlb(&self, caller: VpId, targets: &[VpId]);
 
     // ----- VM life cycle -------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ pub struct Record {
     pub kicks: Vec<VpId>,
     pub yields: Vec<VpId>,
     pub flushes: Vec<(VpId, Vec<VpId>)>,
+    /// (targets, vector) per `deliver_interrupt_set` (each target is also recorded in `interrupts`).
+    pub ipi_sets: Vec<(Vec<VpId>, u8)>,
     /// (vp, x2apic msr, access) forwarded APIC accesses.
     pub apic: Vec<(VpId, u32, Option<u64>)>,
     /// (vp, page) PV-EOI page changes.
@@ -178,6 +180,15 @@ impl Platform for FakePlatform {
 
     fn deliver_interrupt(&self, vp: VpId, vector: u8, auto_eoi: bool) {
         self.lock().record.interrupts.push((vp, vector, auto_eoi));
+    }
+
+    fn deliver_interrupt_set(&self, vps: &[VpId], vector: u8) {
+        let mut inner = self.lock();
+        inner
+            .record
+            .interrupts
+            .extend(vps.iter().map(|&vp| (vp, vector, false)));
+        inner.record.ipi_sets.push((vps.to_vec(), vector));
     }
 
     fn apic_access(&self, vp: VpId, msr: u32, access: ApicAccess) -> Result<u64, Gp> {

@@ -131,3 +131,17 @@ pub struct SignalEventInput {
     /// Bits 63:48: reserved.
     pub reserved: u16,
 }
+
+/// Number of XMM registers (XMM0..5) that carry XMM fast input (`HV_HYPERCALL_MAX_XMM_REGISTERS`).
+pub const MAX_XMM_REGISTERS: usize = 6;
+/// Lowest vector HvCallSendSyntheticClusterIpi(Ex) accepts (`HV_IPI_LOW_VECTOR`).
+pub const IPI_LOW_VECTOR: u32 = 0x10;
+/// Highest vector HvCallSendSyntheticClusterIpi(Ex) accepts (`HV_IPI_HIGH_VECTOR`).
+pub const IPI_HIGH_VECTOR: u32 = 0xFF;
+/// Maximum number of sparse VP-set banks (64 banks × 64 VPs = VP indexes 0..4095).
+pub const MAX_SPARSE_VP_BANKS: usize = 64;
+/// VPs per sparse VP-set bank.
+pub const VPS_PER_SPARSE_BANK: u32 = 64;
+/// Largest GVA list KVM reads for the flush-list calls (its per-vCPU FIFO holds 16 entries, one kept for "flush
+/// all"); longer lists are not read and become a full flush.
+pub const TLB_FLUSH_LIST_MAX: u16 = 15;
