@@ -26,7 +26,8 @@
 //!   run_on_vp/kick_vp           → per-vCPU work queue + VmHandle::kick; the vCPU runs it through
 //!                                 VcpuHook::run_work on its own thread before it next enters the guest
 //!   event(GuestPanicked)        → `warning: Guest crashed` + `warning: HV crash parameters: (...)` on stderr,
-//!                                 the panic notifier (QMP GUEST_PANICKED), then `-action panic=`
+//!                                 then VmHandle::guest_panicked(params, -action panic=): the life-cycle hook
+//!                                 (QMP GUEST_PANICKED) applies the action, or the machine does without one
 //!   event(ResetRequested)       → IoAction::Reset to the machine's main thread (system reset, or stop with
 //!                                 --no-reboot); the machine calls VcpuHook::vm_reset → Engine::reset
 //! ```
@@ -38,7 +39,7 @@
 mod platform;
 mod timers;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hyperv::cpuid::CpuidEntry;
 use hyperv::{CpuMode, Engine, EngineConfig, HvCpuid, HypercallOutcome, HypercallRegs, VpId};
@@ -50,44 +51,7 @@ use crate::{HV_MSR_FIRST, HV_MSR_LAST};
 
 pub use platform::{GuestPanic, PanicNotifier, VmmPlatform};
 
-/// What the VMM does when the guest reports a panic (`-action panic=...`, QEMU's spelling).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PanicAction {
-    /// Stop the VM; the process exits with status 0 (QEMU's default, `shutdown`).
-    #[default]
-    Shutdown,
-    /// Stop every vCPU and keep the process alive (QMP `cont` may resume it).
-    Pause,
-    /// Let the guest continue (e.g. so that Windows writes its dump).
-    None,
-    /// Stop the VM; the process exits with status 1.
-    ExitFailure,
-}
-
-impl PanicAction {
-    /// Parses a `panic=` value of `-action`.
-    pub fn parse(s: &str) -> Result<PanicAction, String> {
-        match s {
-            "shutdown" => Ok(PanicAction::Shutdown),
-            "pause" => Ok(PanicAction::Pause),
-            "none" => Ok(PanicAction::None),
-            "exit-failure" => Ok(PanicAction::ExitFailure),
-            _ => Err(format!(
-                "invalid -action panic value '{s}' (expected shutdown, pause, none or exit-failure)"
-            )),
-        }
-    }
-
-    /// QEMU's name for the action.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PanicAction::Shutdown => "shutdown",
-            PanicAction::Pause => "pause",
-            PanicAction::None => "none",
-            PanicAction::ExitFailure => "exit-failure",
-        }
-    }
-}
+pub use crate::lifecycle::PanicAction;
 
 /// How to build the engine for a machine.
 #[derive(Clone)]
@@ -150,20 +114,10 @@ impl HvGlue {
         &self.engine
     }
 
-    /// Sets the callback told about every guest panic (before `-action panic=` is applied): the QMP server
-    /// turns it into GUEST_PANICKED. Replaces a previous one.
+    /// Sets an observer told about every guest panic (vCPU, Hyper-V parameters, action) before the machine's
+    /// life-cycle path applies `-action panic=`. Replaces a previous one.
     pub fn set_panic_notifier(&self, notifier: PanicNotifier) {
         self.engine.platform().set_panic_notifier(notifier);
-    }
-
-    /// Resumes the vCPUs stopped by `-action panic=pause` (QMP `cont`). Returns whether they were paused.
-    pub fn resume_after_panic(&self) -> bool {
-        self.engine.platform().resume_after_panic()
-    }
-
-    /// Whether the vCPUs are stopped by `-action panic=pause`.
-    pub fn panic_paused(&self) -> bool {
-        self.engine.platform().panic_paused()
     }
 
     /// Takes the set of guest pages the engine wrote since the last call (page frame numbers), for migration.
@@ -310,31 +264,9 @@ impl VcpuHook for HvVcpuHook {
     }
 }
 
-/// Shared slot for the vCPUs paused by `-action panic=pause`.
-pub(crate) type PausedSlot = Mutex<Option<crate::machine::Paused>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn panic_action_values() {
-        let cases = [
-            ("shutdown", Some(PanicAction::Shutdown)),
-            ("pause", Some(PanicAction::Pause)),
-            ("none", Some(PanicAction::None)),
-            ("exit-failure", Some(PanicAction::ExitFailure)),
-            ("poweroff", None),
-            ("", None),
-        ];
-        for (s, want) in cases {
-            let got = PanicAction::parse(s).ok();
-            assert_eq!(got, want, "{s}");
-            if let Some(a) = got {
-                assert_eq!(a.as_str(), s);
-            }
-        }
-    }
 
     #[test]
     fn modes_from_sregs() {

@@ -8,12 +8,12 @@ use hyperv::{Event, MemError, Platform, TimerId, VpId, VpWork};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::timers::HvTimers;
-use super::{PanicAction, PausedSlot};
+use crate::lifecycle::PanicAction;
 use crate::machine::{IoAction, VmHandle};
 
 const PAGE_SHIFT: u32 = 12;
 
-/// A guest panic, as reported to the [`PanicNotifier`].
+/// A guest panic, as reported to a [`PanicNotifier`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestPanic {
     /// The vCPU index that wrote CRASH_CTL.
@@ -21,12 +21,14 @@ pub struct GuestPanic {
     /// CRASH_P0..P4 (QEMU's `arg1..arg5` of the `hyper-v` panic information), or `None` when hv-crash is off
     /// (QEMU then sends GUEST_PANICKED without `info`).
     pub hyperv_params: Option<[u64; 5]>,
-    /// The `-action panic=` the VMM applies right after the notification.
+    /// The `-action panic=` applied right after the notification (by the machine's life-cycle path).
     pub action: PanicAction,
 }
 
-/// Called on every guest panic, on the crashing vCPU's thread, before the action is applied. Must not block
-/// for long and must not call into the engine.
+/// Optional observer of guest panics, called on the crashing vCPU's thread before
+/// [`crate::VmHandle::guest_panicked`] (which tells the [`crate::lifecycle::LifecycleHook`] and applies the
+/// action). Use either this or the life-cycle hook for QMP's GUEST_PANICKED, not both. Must not block and must
+/// not call into the engine.
 pub type PanicNotifier = Arc<dyn Fn(&GuestPanic) + Send + Sync>;
 
 /// Work queued for a vCPU's thread.
@@ -53,7 +55,6 @@ pub struct VmmPlatform {
     panic_action: PanicAction,
     crash_info: bool,
     notifier: Mutex<Option<PanicNotifier>>,
-    paused: Arc<PausedSlot>,
     panics: AtomicU64,
 }
 
@@ -83,7 +84,6 @@ impl VmmPlatform {
             panic_action,
             crash_info,
             notifier: Mutex::new(None),
-            paused: Arc::new(Mutex::new(None)),
             panics: AtomicU64::new(0),
         }
     }
@@ -106,14 +106,6 @@ impl VmmPlatform {
         *lock(&self.notifier) = Some(n);
     }
 
-    pub(crate) fn resume_after_panic(&self) -> bool {
-        lock(&self.paused).take().is_some()
-    }
-
-    pub(crate) fn panic_paused(&self) -> bool {
-        lock(&self.paused).is_some()
-    }
-
     pub(crate) fn take_dirty_pages(&self) -> Vec<u64> {
         std::mem::take(&mut *lock(&self.dirty))
             .into_iter()
@@ -122,7 +114,6 @@ impl VmmPlatform {
 
     pub(crate) fn shutdown(&self) {
         self.timers.stop();
-        drop(lock(&self.paused).take());
     }
 
     /// Called on vCPU `i`'s thread when it starts: remembers its CPU-time clock.
@@ -333,38 +324,17 @@ impl Platform for VmmPlatform {
                 // accept only warnings there.
                 eprintln!("warning: {}", hyperv::crash::GUEST_CRASHED);
                 eprintln!("warning: {}", hyperv::crash::format_crash_params(&params));
-                let info = GuestPanic {
-                    vcpu: vp.index(),
-                    hyperv_params: self.crash_info.then_some(params),
-                    action: self.panic_action,
-                };
+                let params = self.crash_info.then_some(params);
                 let notifier = lock(&self.notifier).clone();
                 if let Some(n) = notifier {
-                    n(&info);
+                    n(&GuestPanic {
+                        vcpu: vp.index(),
+                        hyperv_params: params,
+                        action: self.panic_action,
+                    });
                 }
-                match self.panic_action {
-                    PanicAction::Shutdown => self.handle.request(IoAction::PowerOff),
-                    PanicAction::ExitFailure => self.handle.request(IoAction::Exit(1)),
-                    PanicAction::None => {}
-                    PanicAction::Pause => {
-                        // Pausing waits for every vCPU to park, including this one, which is inside an exit
-                        // handler: do it from another thread.
-                        let handle = self.handle.clone();
-                        let slot = self.paused.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("hv-panic-pause".into())
-                            .spawn(move || {
-                                let p = handle.pause_all();
-                                let mut s = lock(&slot);
-                                if s.is_none() {
-                                    *s = Some(p);
-                                }
-                            });
-                        if let Err(e) = spawned {
-                            eprintln!("warning: cannot pause the VM after the guest panic: {e}");
-                        }
-                    }
-                }
+                // The machine's life-cycle path tells the QMP glue (GUEST_PANICKED) and applies the action.
+                self.handle.guest_panicked(params, self.panic_action);
             }
             Event::ResetRequested { .. } => self.handle.request(IoAction::Reset),
             Event::SynicChanged { vp, msr, value } => {
