@@ -32,6 +32,7 @@ built-in demo guest. Options (QEMU spelling; two dashes also work):
   -device isa-debug-exit[,iobase=0xf4,iosize=0x4]
   -device hyperv-testdev
   --no-reboot             stop (exit 0) instead of resetting on a triple fault or reset
+  -action panic=shutdown|pause|none|exit-failure[,...]   what a guest panic (Hyper-V CRASH_CTL) does
 Accepted and ignored: -nodefaults, -display none, -machine/-M ...,accel=kvm, -enable-kvm,
   -device pc-testdev, -device pci-testdev, -global ...
 ";
@@ -51,6 +52,8 @@ pub struct RunOptions {
     pub debug_exit: Option<DebugExitConfig>,
     pub hyperv_testdev: bool,
     pub no_reboot: bool,
+    /// `-action panic=`.
+    pub panic_action: vmm::lifecycle::PanicAction,
     pub help: bool,
 }
 
@@ -68,6 +71,7 @@ impl Default for RunOptions {
             debug_exit: None,
             hyperv_testdev: false,
             no_reboot: false,
+            panic_action: vmm::lifecycle::PanicAction::default(),
             help: false,
         }
     }
@@ -128,7 +132,7 @@ pub fn parse_smp(spec: &str) -> Result<u32, String> {
 /// Options that take a value, by their single-dash name.
 const WITH_VALUE: &[&str] = &[
     "kernel", "append", "initrd", "smp", "m", "cpu", "serial", "device", "display", "machine", "M",
-    "global",
+    "global", "action",
 ];
 
 /// Parses the run options.
@@ -193,13 +197,30 @@ pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
             "enable-kvm" => {}
             "no-reboot" => o.no_reboot = true,
             "help" | "h" => o.help = true,
-            "qmp" | "S" | "action" | "monitor" => {
+            "action" => parse_action(v, &mut o)?,
+            "qmp" | "S" | "monitor" => {
                 return Err(format!("option '{arg}' is not supported yet"));
             }
             _ => return Err(format!("unsupported option '{arg}'")),
         }
     }
     Ok(o)
+}
+
+/// Parses `-action KEY=VALUE[,...]` (QEMU): `panic=` is applied; QEMU's other keys (`reboot`, `shutdown`,
+/// `watchdog`) are accepted with their QEMU values and have their default meaning here.
+fn parse_action(spec: &str, o: &mut RunOptions) -> Result<(), String> {
+    for item in spec.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("invalid -action '{spec}': expected KEY=VALUE"))?;
+        match k {
+            "panic" => o.panic_action = vmm::lifecycle::PanicAction::parse(v)?,
+            "reboot" | "shutdown" | "watchdog" => {}
+            _ => return Err(format!("invalid -action '{spec}': unknown action '{k}'")),
+        }
+    }
+    Ok(())
 }
 
 fn host_cpuid_table(cpu: &str) -> Result<Vec<hyperv::cpuid::CpuidEntry>, String> {
@@ -237,17 +258,32 @@ fn boot(o: &RunOptions) -> Result<Outcome, String> {
     let serial = SerialSink::from_spec(o.serial_spec())?;
     let cpus = u16::try_from(o.smp).map_err(|_| format!("invalid vCPU count {}", o.smp))?;
     let bus = standard_bus(serial, o.debug_exit, o.ram_size, cpus)?;
+    let hv_setup = vmm::hv::hyperv_enabled(&cpuid).then(|| vmm::hv::HvSetup {
+        cpuid: cpuid.clone(),
+        enforce_cpuid: CpuConfig::parse(&o.cpu).is_ok_and(|c| c.enforce_cpuid),
+        apic_frequency_hz: VmConfig::default().apic_bus_hz,
+        panic_action: o.panic_action,
+    });
     let cfg = VmConfig {
         ram_size: o.ram_size,
         vcpus: o.smp,
         no_reboot: o.no_reboot,
-        cpuid: Some(cpuid),
+        cpuid: Some(cpuid.clone()),
         ..VmConfig::default()
     };
     let loader = Arc::new(KernelLoader::new(image, path, o.append.clone(), modules));
     let devices = Arc::new(BusDevices::new(bus));
     let (machine, fds) = Machine::new(cfg, loader, devices).map_err(|e| e.to_string())?;
-    Ok(machine.run(fds))
+    // The Hyper-V engine, only when the guest CPUID identifies Hyper-V (vmm::hv).
+    let hv = match hv_setup {
+        Some(setup) => Some(vmm::hv::HvGlue::install(&machine, setup).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let outcome = machine.run(fds);
+    if let Some(hv) = hv {
+        hv.shutdown();
+    }
+    Ok(outcome)
 }
 
 /// Runs a guest; the arguments follow `run` (or the program name).
