@@ -48,20 +48,19 @@ static inline struct percpu *this_cpu(void)
 }
 
 /* ---------------------------------------------------------------- libc-like helpers */
+/* One string instruction each: supervisor code is emulated here, instruction by instruction, and KVM's
+ * emulator runs a whole `rep stos`/`rep movs` far faster than the equivalent byte loop. */
 void *memset(void *d, int c, size_t n)
 {
-    u8 *p = d;
-    while (n--)
-        *p++ = (u8)c;
+    void *p = d;
+    asm volatile("rep stosb" : "+D"(p), "+c"(n) : "a"(c) : "memory");
     return d;
 }
 
 void *memcpy(void *d, const void *s, size_t n)
 {
-    u8 *p = d;
-    const u8 *q = s;
-    while (n--)
-        *p++ = *q++;
+    void *p = d;
+    asm volatile("rep movsb" : "+D"(p), "+S"(s), "+c"(n) : : "memory");
     return d;
 }
 
@@ -617,7 +616,7 @@ u32 fw_cfg_nb_cpus(void)
 static struct spinlock heap_lock;
 static u64 heap_next;
 
-static void *alloc_aligned(u64 size, u64 align)
+static void *alloc_aligned_nozero(u64 size, u64 align)
 {
     spin_lock(&heap_lock);
     if (!heap_next)
@@ -625,8 +624,14 @@ static void *alloc_aligned(u64 size, u64 align)
     u64 p = (heap_next + align - 1) & ~(align - 1);
     heap_next = p + size;
     spin_unlock(&heap_lock);
-    memset((void *)p, 0, size);
     return (void *)p;
+}
+
+static void *alloc_aligned(u64 size, u64 align)
+{
+    void *p = alloc_aligned_nozero(size, align);
+    memset(p, 0, size);
+    return p;
 }
 
 void *alloc_pages(unsigned n)
@@ -810,7 +815,8 @@ void smp_init(void)
     smp_expected = n;
     outb(0x21, 0xFF); /* mask both 8259s */
     outb(0xA1, 0xFF);
-    ap_region_next = (u64)alloc_aligned((u64)(n - 1) * REGION_SIZE, REGION_SIZE);
+    /* Stacks need no zeroing (each AP writes its per-CPU pointer itself). */
+    ap_region_next = (u64)alloc_aligned_nozero((u64)(n - 1) * REGION_SIZE, REGION_SIZE);
     memcpy((void *)0, ap_tramp_start, (size_t)(ap_tramp_end - ap_tramp_start));
     /* Watchdog: a one-shot APIC timer on the wake vector, about 8.6 s at a 1 GHz APIC clock. */
     apic_write(APIC_TDCR, 0x0); /* divide by 2 */

@@ -1,4 +1,4 @@
-//! SMP bring-up under real KVM: 1, 2 and 4 vCPUs in xAPIC and x2APIC mode; every vCPU comes online through
+//! SMP bring-up under real KVM: 1, 2 and 4 vCPUs in xAPIC and x2APIC mode (and 16 in x2APIC mode); every vCPU comes online through
 //! INIT + one SIPI, reports its APIC ID (== its index), runs a function on request and runs code at CPL 3.
 
 mod guest_common;
@@ -13,6 +13,7 @@ fn smp_bring_up_every_vcpu_reports_its_apic_id() {
         (2, "x2apic"),
         (4, "xapic"),
         (4, "x2apic"),
+        (16, "x2apic"),
     ];
     for &(smp, mode) in cases {
         let append = format!("mode={mode} cpus={smp}");
