@@ -1,5 +1,6 @@
-//! SMP bring-up under real KVM: 1, 2 and 4 vCPUs in xAPIC and x2APIC mode (and 16 in x2APIC mode); every vCPU comes online through
-//! INIT + one SIPI, reports its APIC ID (== its index), runs a function on request and runs code at CPL 3.
+//! SMP bring-up under real KVM: 1, 2 and 4 vCPUs in xAPIC and x2APIC mode (and 16 in x2APIC mode); every
+//! vCPU comes online through INIT + one SIPI, reports its APIC ID (== its index), runs a function on
+//! request and runs code at CPL 3.
 
 mod guest_common;
 use guest_common::*;
