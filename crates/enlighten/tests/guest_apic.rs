@@ -54,7 +54,10 @@ fn ipi_between_vcpus() {
         let logical = format!("{m}: logical destination");
         let lowest = format!("{m}: lowest-priority IPI");
         let nmi = format!("{m}: NMI IPI delivered once");
-        assert_passed_with(&o, &[&fixed, &allbut, &allinc, &selfipi, &logical, &lowest, &nmi]);
+        assert_passed_with(
+            &o,
+            &[&fixed, &allbut, &allinc, &selfipi, &logical, &lowest, &nmi],
+        );
     }
 }
 
