@@ -32,6 +32,10 @@ built-in demo guest. Options (QEMU spelling; two dashes also work):
   -device isa-debug-exit[,iobase=0xf4,iosize=0x4]
   -device hyperv-testdev
   --no-reboot             stop (exit 0) instead of resetting on a triple fault or reset
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   QMP socket (docs/qmp.md)
+  -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control
+  -S                      start with the vCPUs stopped until QMP 'cont' (status prelaunch)
+  -name NAME | guest=NAME[,...]   the VM name (QMP query-name)
   -action panic=shutdown|pause|none|exit-failure[,...]   what a guest panic (Hyper-V CRASH_CTL) does
 Accepted and ignored: -nodefaults, -display none, -machine/-M ...,accel=kvm, -enable-kvm,
   -device pc-testdev, -device pci-testdev, -global ...
@@ -43,6 +47,16 @@ pub struct RunOptions {
     pub kernel: Option<String>,
     pub append: String,
     pub initrd: Option<String>,
+    /// `-qmp` values, in order.
+    pub qmp: Vec<String>,
+    /// `-chardev` values, in order.
+    pub chardevs: Vec<String>,
+    /// `-mon` values, in order.
+    pub mons: Vec<String>,
+    /// `-S`: start with the vCPUs stopped (run state `prelaunch`).
+    pub prelaunch: bool,
+    /// `-name`: the VM name.
+    pub name: Option<String>,
     pub smp: u32,
     pub ram_size: u64,
     pub cpu: String,
@@ -63,6 +77,11 @@ impl Default for RunOptions {
             kernel: None,
             append: String::new(),
             initrd: None,
+            qmp: Vec::new(),
+            chardevs: Vec::new(),
+            mons: Vec::new(),
+            prelaunch: false,
+            name: None,
             smp: 1,
             ram_size: vmm::layout::DEFAULT_RAM_SIZE,
             cpu: "host".to_string(),
@@ -135,6 +154,56 @@ const WITH_VALUE: &[&str] = &[
     "global", "action",
 ];
 
+/// The options of the QMP integration (`docs/qmp.md`) that take a value.
+const QMP_WITH_VALUE: &[&str] = &["qmp", "chardev", "mon", "name"];
+
+/// Handles the QMP-related options; returns whether `name` was one of them.
+fn parse_qmp_option(name: &str, v: &str, o: &mut RunOptions) -> Result<bool, String> {
+    match name {
+        "qmp" => o.qmp.push(v.to_string()),
+        "chardev" => o.chardevs.push(v.to_string()),
+        "mon" => o.mons.push(v.to_string()),
+        "S" => o.prelaunch = true,
+        "name" => o.name = Some(parse_name(v)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// `-name NAME` or `-name guest=NAME[,process=P][,debug-threads=on|off]` (QEMU's syntax).
+pub fn parse_name(spec: &str) -> Result<String, String> {
+    let mut name = None;
+    for (i, item) in spec.split(',').enumerate() {
+        match item.split_once('=') {
+            None if i == 0 => name = Some(item.to_string()),
+            Some(("guest", v)) => name = Some(v.to_string()),
+            Some(("process" | "debug-threads", _)) => {}
+            _ => return Err(format!("-name {spec}: Invalid parameter '{item}'")),
+        }
+    }
+    name.ok_or_else(|| format!("-name {spec}: no name given"))
+}
+
+impl RunOptions {
+    /// The QMP sockets of `-qmp` and `-mon` (QEMU's error texts, prefixed with the option).
+    pub fn qmp_endpoints(&self) -> Result<Vec<qmp::QmpEndpoint>, String> {
+        let mut out = Vec::new();
+        for spec in &self.qmp {
+            out.push(qmp::QmpEndpoint::parse_qmp(spec).map_err(|e| format!("-qmp {spec}: {e}"))?);
+        }
+        for spec in &self.chardevs {
+            qmp::parse_chardev(spec).map_err(|e| format!("-chardev {spec}: {e}"))?;
+        }
+        for spec in &self.mons {
+            out.push(
+                qmp::endpoint_for_monitor(spec, &self.chardevs)
+                    .map_err(|e| format!("-mon {spec}: {e}"))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// Parses the run options.
 pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
     let mut o = RunOptions::default();
@@ -149,7 +218,7 @@ pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
                 "unexpected argument '{arg}' (options start with '-')"
             ));
         };
-        let value = if WITH_VALUE.contains(&name) {
+        let value = if WITH_VALUE.contains(&name) || QMP_WITH_VALUE.contains(&name) {
             Some(
                 it.next()
                     .ok_or_else(|| format!("option '-{name}' needs a value"))?
@@ -159,6 +228,9 @@ pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
             None
         };
         let v = value.unwrap_or("");
+        if parse_qmp_option(name, v, &mut o)? {
+            continue;
+        }
         match name {
             "kernel" => o.kernel = Some(v.to_string()),
             "append" => o.append = v.to_string(),
@@ -204,6 +276,7 @@ pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
             _ => return Err(format!("unsupported option '{arg}'")),
         }
     }
+    o.qmp_endpoints()?;
     Ok(o)
 }
 
@@ -279,7 +352,11 @@ fn boot(o: &RunOptions) -> Result<Outcome, String> {
         Some(setup) => Some(vmm::hv::HvGlue::install(&machine, setup).map_err(|e| e.to_string())?),
         None => None,
     };
+    let qmp = crate::qmp_glue::start(o, &machine, &cpuid, hv.as_ref())?;
     let outcome = machine.run(fds);
+    if let Some(qmp) = qmp {
+        qmp.shutdown();
+    }
     if let Some(hv) = hv {
         hv.shutdown();
     }
@@ -391,9 +468,33 @@ mod tests {
                 Err("unsupported device 'virtio-net'"),
             ),
             (&["-vga", "std"], Err("unsupported option '-vga'")),
+            (&["-qmp", "unix:/tmp/x,server=on,wait=off"], Ok(())),
+            (&["-qmp", "unix:/tmp/x,server,nowait"], Ok(())),
+            (&["-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"], Ok(())),
             (
-                &["-qmp", "unix:x"],
-                Err("option '-qmp' is not supported yet"),
+                &[
+                    "-chardev",
+                    "socket,id=m,path=/tmp/x,server=on,wait=off",
+                    "-mon",
+                    "chardev=m,mode=control",
+                ],
+                Ok(()),
+            ),
+            (
+                &["-mon", "chardev=nope,mode=control"],
+                Err("-mon chardev=nope,mode=control: "),
+            ),
+            (
+                &["-qmp", "unix:/tmp/x,server=maybe"],
+                Err("-qmp unix:/tmp/x,server=maybe: "),
+            ),
+            (&["-qmp", "stdio"], Err("-qmp stdio: ")),
+            (&["-S"], Ok(())),
+            (&["-name", "win"], Ok(())),
+            (&["-name", "guest=win,debug-threads=on"], Ok(())),
+            (
+                &["-name", "a,bogus=1"],
+                Err("-name a,bogus=1: Invalid parameter"),
             ),
             (&["-kernel"], Err("option '-kernel' needs a value")),
             (&["kernel"], Err("unexpected argument 'kernel'")),
@@ -410,6 +511,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn qmp_options() {
+        let o = parse_args(&v(&[
+            "-S",
+            "-name",
+            "guest=vm1,debug-threads=on",
+            "-qmp",
+            "unix:/tmp/a,server,nowait",
+            "-chardev",
+            "socket,id=c,path=/tmp/b,server=on,wait=off",
+            "-mon",
+            "chardev=c,mode=control",
+        ]))
+        .unwrap();
+        assert!(o.prelaunch);
+        assert_eq!(o.name.as_deref(), Some("vm1"));
+        let eps = o.qmp_endpoints().unwrap();
+        assert_eq!(eps.len(), 2);
+        assert!(eps.iter().all(|e| !e.wait));
+        assert_eq!(parse_name("plain").unwrap(), "plain");
     }
 
     #[test]
