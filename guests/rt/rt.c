@@ -639,6 +639,26 @@ void *alloc_pages(unsigned n)
     return alloc_aligned((u64)n * 4096, 4096);
 }
 
+static struct spinlock pt_lock;
+
+u64 *pte_4k(u64 va)
+{
+    u64 idx = (va >> 21) & 2047;
+    spin_lock(&pt_lock);
+    u64 pde = pd[idx];
+    if (pde & PTE_PS) {
+        u64 *pt = alloc_pages(1);
+        u64 base = pde & 0xFFFFFFFFFFE00000ULL;
+        u64 flags = pde & 0x1F; /* P, RW, US, PWT, PCD */
+        for (u64 i = 0; i < 512; i++)
+            pt[i] = (base + (i << 12)) | flags;
+        WRITE_ONCE(pd[idx], (u64)pt | PTE_P | PTE_RW | PTE_US);
+        write_cr3(read_cr3()); /* drop the large-page translation (same mapping, so other CPUs may keep it) */
+    }
+    spin_unlock(&pt_lock);
+    return (u64 *)(pd[idx] & 0xFFFFFFFFFF000ULL) + ((va >> 12) & 511);
+}
+
 /* ---------------------------------------------------------------- local APIC */
 static enum apic_mode g_apic_mode;
 

@@ -241,6 +241,14 @@ u64 run_user(u64 (*fn)(u64), u64 arg);
 void *alloc_pages(unsigned n);
 /* The 2 MiB page-directory entries of the identity map (index = address >> 21). */
 extern u64 pd[2048];
+#define PTE_P 0x1ULL
+#define PTE_RW 0x2ULL
+#define PTE_US 0x4ULL
+#define PTE_PS 0x80ULL
+/* The 4 KiB page-table entry that maps `va` (below 4 GiB). The first call for a 2 MiB region splits its
+ * large page into 512 small ones with the same translation and flags. Whoever changes a PTE flushes the TLB
+ * (invlpg, CR3, or a remote flush) as the test requires. Safe from any CPU. */
+u64 *pte_4k(u64 va);
 
 /* ---- time */
 /* TSC frequency in Hz from CPUID 0x15, 0x16 or the hypervisor leaf 0x40000010; 0 if unknown. */

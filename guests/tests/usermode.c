@@ -11,6 +11,11 @@ static u64 add_cpl(u64 x)
     return s * 4 + (cs & 3);
 }
 
+static u64 read_at_cpl3(u64 va)
+{
+    return *(volatile u64 *)va;
+}
+
 int main(void)
 {
     u64 r = run_user(add_cpl, 1000);
@@ -28,5 +33,21 @@ int main(void)
              (void *)0x1000);
     report(!strcmp(buf, "-5 7 abc 123456789a s c 00042 0x1000"), "printf formats: '%s'", buf);
     report(irqs_enabled() == false, "interrupts are off at entry");
+
+    /* pte_4k: alias a page of RAM at 2 GiB + 20 KiB (beyond RAM) and read it through the alias at CPL 3 */
+    u64 *page = alloc_pages(2);
+    page[0] = 0x1111222233334444ULL;
+    page[512] = 0x5555666677778888ULL;
+    u64 va = 0x80005000ULL;
+    u64 *pte = pte_4k(va);
+    report((*pte & ~0xFFFULL) == va && (*pte & (PTE_P | PTE_RW | PTE_US)) == 7,
+           "pte_4k splits the 2 MiB page keeping the identity translation (pte %lx)", *pte);
+    *pte = (u64)page | PTE_P | PTE_RW | PTE_US;
+    invlpg((void *)va);
+    report(run_user(read_at_cpl3, va) == 0x1111222233334444ULL, "a remapped 4 KiB page reads at CPL 3");
+    *pte = ((u64)page + 4096) | PTE_P | PTE_RW | PTE_US;
+    invlpg((void *)va);
+    report(run_user(read_at_cpl3, va) == 0x5555666677778888ULL, "remapping it again is seen after invlpg");
+    report(pte_4k(va + 4096) == pte + 1 && *(pte + 1) == ((va + 4096) | 7), "neighbouring PTEs stay identity");
     return 0;
 }
