@@ -194,3 +194,37 @@ fn unemulatable_instruction_is_an_error_with_registers_and_bytes() {
     );
     assert!(!o.stderr.contains("panicked"), "{}", o.describe());
 }
+
+#[test]
+fn halted_vcpus_with_interrupts_disabled() {
+    // One AP parked in `cli; hlt` is normal: the guest goes on and passes.
+    let o = run_guest("halt", 2, Some("case=ap"), &[]);
+    assert_passed_with(
+        &o,
+        &["vCPU 1 is parked in cli; hlt", "the BSP keeps running"],
+    );
+    if under_qemu() {
+        // QEMU waits forever when every vCPU is halted with interrupts off.
+        eprintln!("case=all skipped under QEMU");
+        return;
+    }
+    // Every vCPU halted with interrupts off and no NMI source: the VM can never run again.
+    let o = run_guest("halt", 1, Some("case=all"), &[]);
+    assert!(
+        !o.timed_out,
+        "the VMM did not notice the dead VM\n{}",
+        o.describe()
+    );
+    assert!(o.stdout.contains("every vCPU halts"), "{}", o.describe());
+    assert!(
+        matches!(o.status, Some(s) if s != 0 && s != 1),
+        "status must be an error\n{}",
+        o.describe()
+    );
+    assert!(
+        o.stderr.lines().any(|l| l.starts_with("error:")),
+        "{}",
+        o.describe()
+    );
+    assert!(!o.stderr.contains("panicked"), "{}", o.describe());
+}
