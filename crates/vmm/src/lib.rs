@@ -14,6 +14,7 @@ pub mod loader;
 pub mod machine;
 pub mod platform;
 pub mod timer;
+pub mod tlbflush;
 mod vcpu;
 
 pub use boot::{BootEntry, EntryMode};

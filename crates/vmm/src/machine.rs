@@ -271,6 +271,9 @@ pub(crate) enum RunState {
 pub enum VcpuRequest {
     /// Power-on reset: the BSP enters `entry` (when given), APs wait for a SIPI.
     Reset { entry: Option<BootEntry> },
+    /// Flush the vCPU's guest TLB before it next runs guest code (Hyper-V remote TLB flush; see
+    /// [`crate::tlbflush`]).
+    FlushTlb,
 }
 
 /// Mutable per-vCPU state shared between the vCPU thread and the others.
@@ -292,6 +295,11 @@ pub(crate) struct VcpuState {
     pub tsc_adjust: u64,
     /// Number of KVM exits handled (for tests and statistics).
     pub exits: u64,
+    /// The thread is in (or about to enter) `KVM_RUN` and has checked `requests` for this entry
+    /// ([`crate::tlbflush`]).
+    pub in_guest: bool,
+    /// Someone waits on `parked_cv` for `in_guest` to become false.
+    pub exit_waiters: bool,
 }
 
 impl VcpuState {
@@ -499,6 +507,11 @@ impl Drop for Paused {
 }
 
 impl VmHandle {
+    /// The machine's shared state (for [`crate::tlbflush`]).
+    pub(crate) fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
     /// Stops `which` vCPUs at a consistent point: each completes its pending I/O or MSR exit (re-entering
     /// `KVM_RUN` with `immediate_exit`) and parks. Returns when all are parked (or have ended). Not for use
     /// from a vCPU thread.
@@ -866,7 +879,7 @@ impl Machine {
             })?;
         }
         let tsc_offset =
-            vcpu::probe_tsc_offset(&mut probe_fd, &mem).map_err(|e| VmError::Setup {
+            vcpu::probe_tsc_offset(&mut probe_fd, &mem, &[offset, 0]).map_err(|e| VmError::Setup {
                 what: "TSC probe",
                 err: e,
             })?;
@@ -906,6 +919,8 @@ impl Machine {
                     tsc_offset,
                     tsc_adjust: 0,
                     exits: 0,
+                    in_guest: false,
+                    exit_waiters: false,
                 }),
                 wake: Condvar::new(),
                 parked_cv: Condvar::new(),
@@ -1342,6 +1357,8 @@ mod tests {
             tsc_offset: 0,
             tsc_adjust: 0,
             exits: 0,
+            in_guest: false,
+            exit_waiters: false,
         };
         let cases: &[(RunState, bool)] = &[
             (RunState::Runnable, false),

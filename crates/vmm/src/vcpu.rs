@@ -104,24 +104,30 @@ pub(crate) fn sync_tsc_with_msrs(fds: &[VcpuFd]) -> Result<u64, String> {
     Ok(guest.wrapping_sub(host_mid))
 }
 
-/// Measures the guest TSC against the host TSC: runs a few real-mode instructions (`rdtsc`, two `out`s,
-/// `hlt`) at guest physical 0 on the spare vCPU `fd`, and returns `guest TSC - host TSC` (wrapping). Guest RAM
-/// at 0..16 is zeroed again afterwards. Some KVMs (this project's PVM host) ignore the TSC offset, so the VMM
-/// learns the real relation instead of assuming it.
+/// Measures the guest TSC against the host TSC: runs a real-mode loop (`rdtsc`, two `out`s, `jmp` back) at guest
+/// physical 0 on the spare vCPU `fd` and returns `guest TSC - host TSC` (wrapping). Guest RAM at 0..16 is zeroed
+/// again afterwards. Some KVMs (this project's PVM host) ignore the TSC offset, so the VMM learns the real
+/// relation instead of assuming it.
+///
+/// Each sample brackets the guest's `rdtsc` between the host TSC before and after the `KVM_RUN` that executed
+/// it, so the offset lies in `[guest - after, guest - before]`; the samples' intervals are intersected. The first
+/// run is slow (tens of µs), so a single midpoint would be off by far more than the few µs that separate a guest
+/// TSC-page read from a TIME_REF_COUNT exit. If one of `candidates` (the offset the VMM tried to set, or 0 for
+/// "offsets are ignored") lies in the interval, it is the answer; else the interval's midpoint.
 pub(crate) fn probe_tsc_offset(
     fd: &mut VcpuFd,
     mem: &vm_memory::GuestMemoryMmap,
+    candidates: &[u64],
 ) -> Result<u64, String> {
     use vm_memory::{Bytes, GuestAddress};
-    const CODE: [u8; 15] = [
+    const CODE: [u8; 13] = [
         0x0F, 0x31, // rdtsc
         0x66, 0xE7, 0x10, // out %eax, $0x10
         0x66, 0x89, 0xD0, // mov %edx, %eax
         0x66, 0xE7, 0x11, // out %eax, $0x11
-        0xF4, // hlt
-        0xEB, 0xFD, // jmp back to hlt
-        0x90,
+        0xEB, 0xF3, // jmp 0
     ];
+    const SAMPLES: usize = 16;
     let err = |e: kvm_ioctls::Error| format!("TSC probe: {e}");
     mem.write_slice(&CODE, GuestAddress(0))
         .map_err(|e| format!("TSC probe: {e}"))?;
@@ -135,37 +141,57 @@ pub(crate) fn probe_tsc_offset(
         ..Default::default()
     })
     .map_err(err)?;
-    let (mut lo, mut hi) = (None, None);
-    let mut host_mid = 0u64;
-    let mut first = true;
-    for _ in 0..16 {
+    // Interval bounds relative to `base` (the first sample's upper bound), as i64: no wrapping trouble.
+    let mut base: Option<u64> = None;
+    let (mut lower, mut upper) = (i64::MIN, i64::MAX);
+    let mut last_mid = None;
+    let mut lo: Option<(u32, u64, u64)> = None;
+    let mut samples = 0;
+    for _ in 0..4 * SAMPLES {
+        if samples == SAMPLES {
+            break;
+        }
         let before = host_tsc();
         let exit = fd.run().map_err(err)?;
         let after = host_tsc();
-        if first {
-            host_mid = before.wrapping_add(after.wrapping_sub(before) / 2);
-            first = false;
-        }
         match exit {
             VcpuExit::IoOut(0x10, d) if d.len() == 4 => {
-                lo = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+                lo = Some((u32::from_le_bytes([d[0], d[1], d[2], d[3]]), before, after));
             }
             VcpuExit::IoOut(0x11, d) if d.len() == 4 => {
-                hi = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+                let Some((l, before, after)) = lo.take() else {
+                    continue;
+                };
+                let hi = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+                let guest = (u64::from(hi) << 32) | u64::from(l);
+                let up = guest.wrapping_sub(before);
+                let b = *base.get_or_insert(up);
+                let rel = |x: u64| x.wrapping_sub(b) as i64;
+                lower = lower.max(rel(guest.wrapping_sub(after)));
+                upper = upper.min(rel(up));
+                last_mid = Some(guest.wrapping_sub(before.wrapping_add(after.wrapping_sub(before) / 2)));
+                samples += 1;
             }
-            VcpuExit::Hlt => break,
             other => return Err(format!("TSC probe: unexpected exit {other:?}")),
         }
     }
     mem.write_slice(&[0u8; CODE.len()], GuestAddress(0))
         .map_err(|e| format!("TSC probe: {e}"))?;
-    match (lo, hi) {
-        (Some(lo), Some(hi)) => {
-            let guest = (u64::from(hi) << 32) | u64::from(lo);
-            Ok(guest.wrapping_sub(host_mid))
-        }
-        _ => Err("TSC probe: the probe did not report the TSC".to_string()),
+    let (Some(b), Some(mid)) = (base, last_mid) else {
+        return Err("TSC probe: the probe did not report the TSC".to_string());
+    };
+    if lower > upper {
+        // Not a constant relation (should not happen): the last sample's midpoint.
+        return Ok(mid);
     }
+    let rel = |x: u64| x.wrapping_sub(b) as i64;
+    if let Some(&c) = candidates
+        .iter()
+        .find(|&&c| (lower..=upper).contains(&rel(c)))
+    {
+        return Ok(c);
+    }
+    Ok(b.wrapping_add((lower + (upper - lower) / 2) as u64))
 }
 
 /// Per-thread context of a vCPU.
@@ -256,6 +282,12 @@ impl Ctx {
 
     fn handle_request(&mut self, fd: &mut VcpuFd, req: VcpuRequest) -> Result<(), String> {
         match req {
+            VcpuRequest::FlushTlb => {
+                // Finish a pending I/O/MMIO/MSR exit first: the register writes must not race with it.
+                self.complete_pending(fd)?;
+                crate::tlbflush::flush_own_tlb(fd)
+                    .map_err(|e| format!("cannot flush the TLB of vCPU {}: {e}", self.index))
+            }
             VcpuRequest::Reset { entry } => {
                 self.needs_completion = false;
                 self.reset_to_initial(fd)?;
@@ -423,6 +455,7 @@ impl Ctx {
                         window = true;
                     }
                 }
+                st.in_guest = true;
                 break (inject, nmi, window);
             };
             drop(st);
@@ -453,6 +486,7 @@ impl Ctx {
         let cr8_before = fd.get_kvm_run().cr8;
         let exit = fd.run();
         me.kicker.set_immediate_exit(0);
+        crate::tlbflush::left_guest(me);
         let exit = match exit {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
