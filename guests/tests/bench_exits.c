@@ -1,0 +1,318 @@
+/*
+ * Benchmark guest (bench/run, issue 9): exit round trips and exit counts, measured from inside the guest.
+ *
+ * test=micro (default): round trips in TSC ticks (median and p99 over `n` samples, each one access bracketed
+ *   by rdtsc) of
+ *   - a bare port read of an unused port (all-ones, the VMM does no work) at CPL 3 (IOPL=3) and at CPL 0;
+ *   - NotifyLongSpinWait through the hypercall page (CPL 0 only: the page is supervisor-only);
+ *   - rdmsr of TIME_REF_COUNT (synthetic) and of IA32_APIC_BASE (the VMM's APIC, non-synthetic), CPL 0;
+ *   - a CPL 0 loop body with no exit at all (what KVM's instruction emulator adds to every CPL 0 sample);
+ *   - reference time from the TSC page at CPL 3 (native here) and from TIME_REF_COUNT.
+ *   Prints one `BENCH key=value ...` line per measure.
+ * test=loop: `kind` = port3 (bare port reads at CPL 3) or tscpage (TSC-page reads at CPL 3), `n` iterations,
+ *   fixed-width output: two runs with different `n` differ in exits only by the loop's own exits.
+ * test=irq: `n` APIC-timer interrupts (1 ms periodic) taken while spinning at CPL 3, each ended with
+ *   eoi=xapic (MMIO EOI register; run with mode=xapic), eoi=msr (HV_X64_MSR_EOI) or eoi=pv (exit-less EOI
+ *   through the VP assist page, falling back to the EOI MSR when the VMM did not set "no EOI required").
+ *   Fixed-width output; the host divides the difference of exit counts of two runs by the difference of `n`.
+ */
+#include "rt.h"
+#include "hv.h"
+
+#define IDLE_PORT 0x7F0 /* no device: reads all-ones */
+#define MAX_SAMPLES 4096
+#define HV_MSR_EOI 0x40000070
+#define HV_MSR_VP_ASSIST_PAGE 0x40000073
+
+static u64 samples[MAX_SAMPLES];
+
+/* ---- sorting and percentiles, run at CPL 3 (native on this host) */
+static u64 sort_samples(u64 n)
+{
+    /* heap sort: O(n log n), no recursion */
+    u64 *a = samples;
+    for (u64 start = n / 2; start-- > 0;) {
+        u64 root = start;
+        for (;;) {
+            u64 child = 2 * root + 1;
+            if (child >= n)
+                break;
+            if (child + 1 < n && a[child] < a[child + 1])
+                child++;
+            if (a[root] >= a[child])
+                break;
+            u64 t = a[root]; a[root] = a[child]; a[child] = t;
+            root = child;
+        }
+    }
+    for (u64 end = n; end-- > 1;) {
+        u64 t = a[0]; a[0] = a[end]; a[end] = t;
+        u64 root = 0;
+        for (;;) {
+            u64 child = 2 * root + 1;
+            if (child >= end)
+                break;
+            if (child + 1 < end && a[child] < a[child + 1])
+                child++;
+            if (a[root] >= a[child])
+                break;
+            t = a[root]; a[root] = a[child]; a[child] = t;
+            root = child;
+        }
+    }
+    return 0;
+}
+
+static u64 pct(u64 n, unsigned p) { return samples[(n - 1) * p / 100]; }
+
+static void report_samples(const char *name, u64 n)
+{
+    run_user(sort_samples, n);
+    printf("BENCH %s median_tsc=%lu p99_tsc=%lu min_tsc=%lu n=%lu\n", name, pct(n, 50), pct(n, 99), samples[0],
+           n);
+}
+
+/* ---- CPL 3 loops (IOPL=3 is inherited from the caller's RFLAGS) */
+static u64 user_port_samples(u64 n)
+{
+    u64 bad = 0;
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        u8 v = inb(IDLE_PORT);
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+        bad += v != 0xFF;
+    }
+    return bad;
+}
+
+static u64 user_port_loop(u64 n)
+{
+    u64 bad = 0;
+    for (u64 i = 0; i < n; i++)
+        bad += inb(IDLE_PORT) != 0xFF;
+    return bad;
+}
+
+static const struct hv_tsc_page *tsc_page;
+
+static u64 user_tscpage_samples(u64 n)
+{
+    u64 bad = 0, t;
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        bad += !hv_tsc_page_read(tsc_page, &t);
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+    }
+    return bad;
+}
+
+/* Reads the page `n` times; returns the elapsed TSC ticks, or 0 if a read failed. */
+static u64 user_tscpage_loop(u64 n)
+{
+    u64 t, prev = 0;
+    u64 t0 = rdtsc();
+    for (u64 i = 0; i < n; i++) {
+        if (!hv_tsc_page_read(tsc_page, &t) || t < prev)
+            return 0;
+        prev = t;
+    }
+    return rdtsc() - t0;
+}
+
+/* Runs fn(arg) at CPL 3 with IOPL=3 so that port I/O does not fault. */
+static u64 run_user_iopl3(u64 (*fn)(u64), u64 arg)
+{
+    u64 saved = read_rflags();
+    asm volatile("push %0; popfq" ::"r"(saved | (3ul << 12)) : "memory", "cc");
+    u64 r = run_user(fn, arg);
+    asm volatile("push %0; popfq" ::"r"(saved) : "memory", "cc");
+    return r;
+}
+
+static void noexit_target(void) { asm volatile("" ::: "memory"); }
+
+static bool setup_tsc_page(void)
+{
+    if (!(hv_features_eax() & HV_EAX_REFERENCE_TSC))
+        return false;
+    void *page = alloc_pages(1);
+    if (wrmsr_safe(HV_MSR_REFERENCE_TSC, (u64)page | 1))
+        return false;
+    tsc_page = page;
+    u64 t;
+    return hv_tsc_page_read(tsc_page, &t);
+}
+
+static void micro(void)
+{
+    u64 n = arg_u64("n", 2000);
+    if (n > MAX_SAMPLES)
+        n = MAX_SAMPLES;
+    if (n < 10)
+        n = 10;
+    printf("BENCH info tsc_hz=%lu\n", tsc_hz_from_cpuid());
+
+    /* floor at CPL 3 */
+    u64 bad = run_user_iopl3(user_port_samples, n);
+    report(bad == 0, "port %#x reads all-ones at CPL 3", IDLE_PORT);
+    report_samples("floor_cpl3", n);
+
+    /* floor at CPL 0 */
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        u8 v = inb(IDLE_PORT);
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+        bad += v != 0xFF;
+    }
+    report(bad == 0, "port %#x reads all-ones at CPL 0", IDLE_PORT);
+    report_samples("floor_cpl0", n);
+
+    /* emulation cost of a CPL 0 sample without an exit (an indirect call, as the hypercall makes) */
+    void (*volatile target)(void) = noexit_target;
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        target();
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+    }
+    report_samples("noexit_cpl0", n);
+
+    /* hypercall round trip */
+    if (hv_features_eax() & HV_EAX_HYPERCALL && hv_enable_hypercalls()) {
+        u64 st = 0;
+        for (u64 i = 0; i < n; i++) {
+            u64 t0 = rdtsc();
+            st |= hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_HYPERCALL_FAST, 1, 0);
+            u64 t1 = rdtsc();
+            samples[i] = t1 - t0;
+        }
+        report((st & 0xFFFF) == HV_STATUS_SUCCESS, "NotifyLongSpinWait returns success (%#lx)", st);
+        report_samples("hypercall_cpl0", n);
+    } else {
+        report_skip("no hypercall page");
+    }
+
+    /* synthetic MSR */
+    if (hv_features_eax() & HV_EAX_TIME_REF_COUNT) {
+        for (u64 i = 0; i < n; i++) {
+            u64 t0 = rdtsc();
+            (void)rdmsr(HV_MSR_TIME_REF_COUNT);
+            u64 t1 = rdtsc();
+            samples[i] = t1 - t0;
+        }
+        report_samples("msr_time_ref_count_cpl0", n);
+    } else {
+        report_skip("no TIME_REF_COUNT");
+    }
+
+    /* non-synthetic MSR handled by the VMM */
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        (void)rdmsr(MSR_IA32_APICBASE);
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+    }
+    report_samples("msr_apic_base_cpl0", n);
+
+    /* reference time: TSC page at CPL 3 */
+    if (setup_tsc_page()) {
+        bad = run_user(user_tscpage_samples, n);
+        report(bad == 0, "TSC page valid for every read");
+        report_samples("tscpage_cpl3", n);
+        /* a long loop: per-read cost without the rdtsc bracketing */
+        u64 loops = 1000000;
+        u64 ticks = run_user(user_tscpage_loop, loops);
+        report(ticks != 0, "TSC page reads are monotonic");
+        printf("BENCH tscpage_loop_cpl3 loops=%lu total_tsc=%lu\n", loops, ticks);
+    } else {
+        report_skip("no reference TSC page");
+    }
+}
+
+static void loop(void)
+{
+    u64 n = arg_u64("n", 100000);
+    u64 r = 0;
+    if (arg_is("kind", "port3")) {
+        r = run_user_iopl3(user_port_loop, n);
+        report(r == 0, "port reads all-ones");
+    } else if (arg_is("kind", "tscpage")) {
+        if (!setup_tsc_page())
+            fail("no reference TSC page");
+        r = run_user(user_tscpage_loop, n);
+        report(r != 0, "TSC page reads monotonic");
+    } else {
+        fail("unknown kind");
+    }
+    /* fixed width: the output costs the same exits whatever n is */
+    printf("BENCH loop n=%020lu\n", n);
+}
+
+/* ---- interrupt delivery */
+static volatile u64 irq_count;
+static volatile u32 *assist;
+static volatile u64 pv_skipped;
+enum { EOI_XAPIC, EOI_MSR, EOI_PV } eoi_kind;
+
+static void timer_irq(struct regs *r)
+{
+    irq_count++;
+    if (eoi_kind == EOI_XAPIC) {
+        apic_eoi();
+    } else if (eoi_kind == EOI_PV && assist && (__atomic_fetch_and(assist, ~1u, __ATOMIC_SEQ_CST) & 1)) {
+        pv_skipped++;
+    } else {
+        wrmsr(HV_MSR_EOI, 0);
+    }
+}
+
+static u64 user_spin_until(u64 n)
+{
+    while (READ_ONCE(irq_count) < n)
+        pause();
+    return 0;
+}
+
+static void irq(void)
+{
+    u64 n = arg_u64("n", 200);
+    if (arg_is("eoi", "xapic"))
+        eoi_kind = EOI_XAPIC;
+    else if (arg_is("eoi", "msr"))
+        eoi_kind = EOI_MSR;
+    else if (arg_is("eoi", "pv"))
+        eoi_kind = EOI_PV;
+    else
+        fail("eoi=xapic|msr|pv");
+    apic_init(apic_mode_from_cmdline());
+    if (eoi_kind == EOI_PV) {
+        void *page = alloc_pages(1);
+        if (wrmsr_safe(HV_MSR_VP_ASSIST_PAGE, (u64)page | 1) == 0)
+            assist = page;
+    }
+    set_irq_handler(0x40, timer_irq);
+    apic_write(APIC_TDCR, 0xB); /* divide by 1 */
+    apic_write(APIC_LVTT, APIC_LVT_TIMER_PERIODIC | 0x40);
+    apic_write(APIC_TMICT, 1000000); /* 1 ms at the 1 GHz APIC clock */
+    sti();
+    run_user(user_spin_until, n);
+    cli();
+    apic_write(APIC_LVTT, APIC_LVT_MASKED);
+    apic_write(APIC_TMICT, 0);
+    /* fixed width */
+    printf("BENCH irq n=%020lu pv_skipped=%020lu\n", n, (u64)pv_skipped);
+}
+
+int main(void)
+{
+    if (arg_is("test", "loop"))
+        loop();
+    else if (arg_is("test", "irq"))
+        irq();
+    else
+        micro();
+    return 0;
+}

@@ -1,0 +1,167 @@
+/*
+ * Benchmark guest (bench/run, issue 9): a 1 ms periodic tick on every vCPU, for accuracy and idle cost.
+ *
+ * Arguments: timer=stimer|apic (default stimer), secs=N (default 10), period_us=N (default 1000).
+ * - timer=stimer: synthetic timer 0 of each vCPU in direct mode (vector 0x41), periodic, SynIC enabled.
+ * - timer=apic: the local APIC timer, periodic (x2APIC or xAPIC from mode=).
+ * Every vCPU idles in `sti; hlt` between ticks. The BSP timestamps each tick with reference time (the TSC
+ * page, 100 ns units) and, after `secs`, prints
+ *   BENCH timer kind=... ticks=... expected=... skipped=... mean_period_100ns_x1000=... p50_ns=... p99_ns=...
+ *   max_ns=... early=...
+ * where lateness of tick i is its reference time minus the latest period boundary start + k*period not
+ * later than it (k strictly increasing), and skipped counts boundaries without a tick.
+ */
+#include "rt.h"
+#include "hv.h"
+
+#define VEC 0x41
+#define HV_MSR_SCONTROL 0x40000080
+#define HV_MSR_STIMER0_CONFIG 0x400000B0
+#define HV_MSR_STIMER0_COUNT 0x400000B1
+#define HV_EAX_SYNTIMERS (1u << 3)
+#define HV_EDX_STIMER_DIRECT (1u << 19)
+#define HIST_BUCKETS 4096 /* 1 us buckets, 0 .. 4 ms; beyond counts in the last */
+
+static const struct hv_tsc_page *tsc_page;
+static bool use_stimer;
+static u64 period_100ns;
+static volatile bool done;
+
+/* BSP statistics */
+static u64 t_start;  /* reference time of the first boundary (arm time + period) */
+static u64 last_k;
+static bool have_tick;
+static u64 ticks, early, first_t, first_k, last_t;
+static u32 hist[HIST_BUCKETS];
+static u64 max_late_ns;
+
+static u64 ref_time(void)
+{
+    u64 t;
+    if (!hv_tsc_page_read(tsc_page, &t))
+        t = rdmsr(HV_MSR_TIME_REF_COUNT);
+    return t;
+}
+
+static void tick(struct regs *r)
+{
+    if (smp_id() == 0 && !done) {
+        u64 now = ref_time();
+        u64 k = now >= t_start ? (now - t_start) / period_100ns : 0;
+        if (have_tick && k <= last_k)
+            k = last_k + 1;
+        s64 late = (s64)now - (s64)(t_start + k * period_100ns);
+        if (late < 0) {
+            early++;
+        } else {
+            u64 ns = (u64)late * 100;
+            u64 b = ns / 1000;
+            hist[b < HIST_BUCKETS ? b : HIST_BUCKETS - 1]++;
+            if (ns > max_late_ns)
+                max_late_ns = ns;
+        }
+        if (!have_tick) {
+            first_t = now;
+            first_k = k;
+        }
+        have_tick = true;
+        last_k = k;
+        last_t = now;
+        ticks++;
+    }
+    apic_eoi();
+}
+
+static void arm(void)
+{
+    if (use_stimer) {
+        wrmsr(HV_MSR_SCONTROL, 1);
+        u64 cfg = 1 /* enable */ | 2 /* periodic */ | ((u64)VEC << 4) | (1ul << 12) /* direct */;
+        wrmsr(HV_MSR_STIMER0_COUNT, period_100ns);
+        wrmsr(HV_MSR_STIMER0_CONFIG, cfg);
+    } else {
+        apic_write(APIC_TDCR, 0xB);
+        apic_write(APIC_LVTT, APIC_LVT_TIMER_PERIODIC | VEC);
+        apic_write(APIC_TMICT, (u32)(period_100ns * 100)); /* 1 GHz APIC clock */
+    }
+}
+
+static void disarm(void)
+{
+    if (use_stimer) {
+        wrmsr(HV_MSR_STIMER0_CONFIG, 0);
+    } else {
+        apic_write(APIC_LVTT, APIC_LVT_MASKED);
+        apic_write(APIC_TMICT, 0);
+    }
+}
+
+static void ap_tick_loop(void *arg)
+{
+    cli();
+    arm();
+    while (!READ_ONCE(done))
+        safe_halt();
+    cli();
+    disarm();
+    sti();
+}
+
+static u64 hist_pct(unsigned p)
+{
+    u64 total = 0;
+    for (unsigned i = 0; i < HIST_BUCKETS; i++)
+        total += hist[i];
+    if (!total)
+        return 0;
+    u64 want = (total * p + 99) / 100, acc = 0;
+    for (unsigned i = 0; i < HIST_BUCKETS; i++) {
+        acc += hist[i];
+        if (acc >= want)
+            return (u64)(i + 1) * 1000; /* upper edge of the bucket, ns */
+    }
+    return (u64)HIST_BUCKETS * 1000;
+}
+
+int main(void)
+{
+    u64 secs = arg_u64("secs", 10);
+    period_100ns = arg_u64("period_us", 1000) * 10;
+    use_stimer = !arg_is("timer", "apic");
+    u32 eax = hv_features_eax();
+    if (!(eax & HV_EAX_REFERENCE_TSC))
+        fail("the reference TSC page is needed (hv-time)");
+    void *page = alloc_pages(1);
+    wrmsr(HV_MSR_REFERENCE_TSC, (u64)page | 1);
+    tsc_page = page;
+    if (use_stimer && (!(eax & HV_EAX_SYNTIMERS) || !(hv_features_edx() & HV_EDX_STIMER_DIRECT)))
+        fail("synthetic timers in direct mode are needed (hv-synic,hv-stimer,hv-stimer-direct)");
+    set_irq_handler(VEC, tick);
+    smp_init();
+    for (u32 c = 1; c < nr_cpus(); c++)
+        on_cpu_async(c, ap_tick_loop, NULL);
+
+    u64 end_count = secs * 10000000ul / period_100ns;
+    cli();
+    t_start = ref_time() + period_100ns;
+    arm();
+    while (READ_ONCE(ticks) < end_count)
+        safe_halt();
+    cli();
+    disarm();
+    WRITE_ONCE(done, true);
+    for (u32 c = 1; c < nr_cpus(); c++) /* each AP sees `done` at its next tick */
+        while (!cpu_idle(c))
+            pause();
+
+    u64 expected = last_k - first_k + 1;
+    u64 span_k = last_k - first_k;
+    /* mean period in 100 ns units x1000 (integer arithmetic) */
+    u64 mean_x1000 = span_k ? (last_t - first_t) * 1000 / span_k : 0;
+    printf("BENCH timer kind=%s cpus=%u ticks=%lu expected=%lu skipped=%lu period_100ns=%lu "
+           "mean_period_100ns_x1000=%lu p50_ns=%lu p99_ns=%lu max_ns=%lu early=%lu\n",
+           use_stimer ? "stimer" : "apic", nr_cpus(), ticks, expected, expected - ticks, period_100ns,
+           mean_x1000, hist_pct(50), hist_pct(99), max_late_ns, early);
+    report(ticks == end_count, "%lu ticks", ticks);
+    return 0;
+}
