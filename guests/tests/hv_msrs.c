@@ -198,7 +198,7 @@ static void group_frequencies(void)
             r1 = rd(HV_MSR_TIME_REF_COUNT);
             t1 = rdtsc();
         } while (r1 - r0 < 200000);
-        u64 measured = (t1 - t0) * 1000 / ((r1 - r0) / 10000); /* Hz */
+        u64 measured = (t1 - t0) * 10000000 / (r1 - r0); /* Hz */
         u64 diff = measured > hz ? measured - hz : hz - measured;
         report(diff * 100 <= hz, "TSC_FREQUENCY %lu Hz agrees with the TSC rate over reference time (%lu Hz)", hz,
                measured);
