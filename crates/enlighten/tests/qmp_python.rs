@@ -156,3 +156,15 @@ fn qmp_no_reboot_system_reset() {
 fn qmp_guest_poweroff() {
     scenario("poweroff");
 }
+
+/// `-qmp tcp:127.0.0.1:PORT,server=on,wait=off`.
+#[test]
+fn qmp_tcp() {
+    scenario("tcp");
+}
+
+/// `-qmp unix:PATH,server=on` (QEMU's default wait=on): the VM starts once the first client connects.
+#[test]
+fn qmp_wait_for_client() {
+    scenario("wait");
+}

@@ -20,6 +20,8 @@ vCPUs run. Scenarios (each a few seconds):
   guest-reset         a guest triple fault: RESET guest-reset, the guest boots again
   no-reboot           --no-reboot: a guest triple fault and system_reset become SHUTDOWN; exit 0
   poweroff            the guest powers off: SHUTDOWN guest-shutdown; exit 0
+  tcp                 -qmp tcp:127.0.0.1:PORT,server=on,wait=off: stop (STOP), quit
+  wait                -qmp unix:PATH,server=on (wait): the guest starts only once a client connects
 
 Exits 0 when every check passes; otherwise prints the failing check (and the VM's output).
 """
@@ -48,7 +50,16 @@ class Vm:
 
     def __init__(self, args, extra, tmp, transport="qmp"):
         self.path = os.path.join(tmp, "vm.qmp")
-        if transport == "qmp":
+        self.address = self.path
+        if transport == "tcp":
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            self.address = ("127.0.0.1", port)
+            qmp_opts = ["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+        elif transport == "wait":
+            qmp_opts = ["-qmp", f"unix:{self.path},server=on"]
+        elif transport == "qmp":
             qmp_opts = ["-qmp", f"unix:{self.path},server=on,wait=off"]
         elif transport == "qmp-legacy":
             qmp_opts = ["-qmp", f"unix:{self.path},server,nowait"]
@@ -68,13 +79,23 @@ class Vm:
         threading.Thread(target=self._read, args=(self.proc.stderr, self.err_lines),
                          daemon=True).start()
         deadline = time.monotonic() + TIMEOUT
-        while not os.path.exists(self.path):
+        while not self._listening():
             if self.proc.poll() is not None:
                 raise AssertionError(f"enlighten exited early with {self.proc.returncode}: "
                                      f"{self.output()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.path} did not appear")
             time.sleep(0.02)
+
+    def _listening(self):
+        if isinstance(self.address, str):
+            return os.path.exists(self.address)
+        try:
+            # A probe client: it is greeted and then goes away, as any client may.
+            with socket.create_connection(self.address, timeout=1):
+                return True
+        except OSError:
+            return False
 
     def _read(self, stream, into):
         for line in stream:
@@ -151,7 +172,7 @@ def no_pending_events(client):
 
 async def connect(vm, name="test"):
     qmp = QMPClient(name)
-    await qmp.connect(vm.path)
+    await qmp.connect(vm.address)
     return qmp
 
 
@@ -499,6 +520,32 @@ async def poweroff(args, vm):
     assert vm.count(r"qmp_idle: power off") == 1, vm.output()
 
 
+async def tcp(args, vm):
+    qmp = await connect(vm)
+    vm.wait_line(r"qmp_idle: boot")
+    assert await status(qmp) == "running"
+    await qmp.execute("stop")
+    await next_event(qmp, "STOP")
+    vm.assert_stopped()
+    await qmp.execute("quit")
+    await next_event(qmp, "SHUTDOWN")
+    await disconnect_after_end(qmp)
+    vm.wait_exit(0)
+
+
+async def wait_on(args, vm):
+    # server=on without wait=off: startup waits for the first client; the guest has not run.
+    vm.assert_stopped()
+    assert vm.count(r"qmp_idle: boot") == 0, vm.output()
+    qmp = await connect(vm)
+    vm.wait_line(r"qmp_idle: boot")
+    assert await status(qmp) == "running"
+    await qmp.execute("quit")
+    await next_event(qmp, "SHUTDOWN")
+    await disconnect_after_end(qmp)
+    vm.wait_exit(0)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -524,13 +571,17 @@ def run_scenario(args, tmp):
         return vm, no_reboot_guest(args, vm)
     if s == "no-reboot-host":
         return (vm := Vm(args, ["--no-reboot"], tmp)), no_reboot_host(args, vm)
+    if s == "tcp":
+        return (vm := Vm(args, [], tmp, "tcp")), tcp(args, vm)
+    if s == "wait":
+        return (vm := Vm(args, [], tmp, "wait")), wait_on(args, vm)
     if s == "poweroff":
         return (vm := Vm(args, ["-S", "-append", "poweroff=3"], tmp)), poweroff(args, vm)
     raise SystemExit(f"unknown scenario {s}")
 
 
 SCENARIOS = ["control", "abuse", "panic-shutdown", "panic-pause", "panic-none",
-             "panic-exit-failure", "guest-reset", "no-reboot-guest", "no-reboot-host", "poweroff"]
+             "panic-exit-failure", "guest-reset", "no-reboot-guest", "no-reboot-host", "poweroff", "tcp", "wait"]
 
 
 def main():
