@@ -330,7 +330,15 @@ fn boot(o: &RunOptions) -> Result<Outcome, String> {
     let cpuid = host_cpuid_table(&o.cpu)?;
     let serial = SerialSink::from_spec(o.serial_spec())?;
     let cpus = u16::try_from(o.smp).map_err(|_| format!("invalid vCPU count {}", o.smp))?;
-    let bus = standard_bus(serial, o.debug_exit, o.ram_size, cpus)?;
+    let mut bus = standard_bus(serial, o.debug_exit, o.ram_size, cpus)?;
+    // -device hyperv-testdev: the real device replaces the placeholder and is connected to the engine below.
+    let testdev = if o.hyperv_testdev {
+        let (dev, link) = vmm::devices::HypervTestDev::new();
+        bus.replace(vmm::devices::HYPERV_TESTDEV_PORT, Box::new(dev))?;
+        Some(link)
+    } else {
+        None
+    };
     let hv_setup = vmm::hv::hyperv_enabled(&cpuid).then(|| vmm::hv::HvSetup {
         cpuid: cpuid.clone(),
         enforce_cpuid: CpuConfig::parse(&o.cpu).is_ok_and(|c| c.enforce_cpuid),
@@ -352,6 +360,9 @@ fn boot(o: &RunOptions) -> Result<Outcome, String> {
         Some(setup) => Some(vmm::hv::HvGlue::install(&machine, setup).map_err(|e| e.to_string())?),
         None => None,
     };
+    if let (Some(link), Some(hv)) = (&testdev, &hv) {
+        link.attach(hv.engine());
+    }
     let qmp = crate::qmp_glue::start(o, &machine, &cpuid, hv.as_ref())?;
     let outcome = machine.run(fds);
     if let Some(qmp) = qmp {

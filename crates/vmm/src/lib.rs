@@ -12,6 +12,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod loader;
 pub mod machine;
+pub mod migration;
 pub mod platform;
 pub mod timer;
 pub mod tlbflush;

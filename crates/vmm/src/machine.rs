@@ -123,6 +123,16 @@ pub trait VcpuHook: Send + Sync {
     fn run_work(&self, vcpu: usize);
     /// The VM is being reset: every vCPU is paused, RAM was reloaded and the devices were reset.
     fn vm_reset(&self) {}
+    /// Called on vCPU `vcpu`'s thread with its state locked, after every exit and before pending interrupts
+    /// are evaluated or the vCPU parks (hv-vapic exit-less EOI: the hook may complete an EOI the guest
+    /// signalled through memory). Returns the EOI it performed; the machine reports it to the [`EoiHook`].
+    /// Must be cheap and must not take machine locks.
+    fn sync_from_guest(&self, _vcpu: usize, _apic: &mut LocalApic) -> Option<Eoi> {
+        None
+    }
+    /// Called on vCPU `vcpu`'s thread with its state locked, right before `KVM_RUN`, after the injection for
+    /// this entry was decided (and acknowledged in the APIC). Must not take machine locks.
+    fn sync_to_guest(&self, _vcpu: usize, _apic: &LocalApic) {}
 }
 
 /// Observes every EOI that cleared an ISR bit (the Hyper-V engine redelivers pending SynIC messages from

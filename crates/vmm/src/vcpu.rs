@@ -352,6 +352,18 @@ impl Ctx {
                 if shared.stopping() {
                     return Ok(());
                 }
+                if let Some(h) = shared.vcpu_hook.get() {
+                    // Exit-less EOI completed by the guest since the last entry: perform it before anything
+                    // looks at the APIC (and before parking, so snapshots see it done).
+                    if let Some(eoi) = h.sync_from_guest(self.index, &mut st.apic) {
+                        drop(st);
+                        if let Some(hook) = shared.eoi_hook.get() {
+                            hook.eoi(self.index, eoi);
+                        }
+                        st = me.lock();
+                        continue;
+                    }
+                }
                 if st.pause > 0 {
                     if self.needs_completion {
                         drop(st);
@@ -454,6 +466,9 @@ impl Ctx {
                     } else {
                         window = true;
                     }
+                }
+                if let Some(h) = shared.vcpu_hook.get() {
+                    h.sync_to_guest(self.index, &st.apic);
                 }
                 st.in_guest = true;
                 break (inject, nmi, window);

@@ -9,6 +9,7 @@
 mod bochs;
 mod debug_exit;
 mod fw_cfg;
+mod hyperv_testdev;
 mod pic;
 mod serial;
 mod testdev;
@@ -24,6 +25,7 @@ pub use fw_cfg::{
 };
 pub use pic::{Pic, PIC_MASTER_PORT, PIC_SLAVE_PORT};
 pub use serial::{NoopTrigger, SerialDevice, SerialSink, COM1_PORT};
+pub use hyperv_testdev::{HypervTestDev, HypervTestDevLink};
 pub use testdev::{HypervTestDevPlaceholder, HYPERV_TESTDEV_PORT};
 
 /// What the VMM must do after a device access.
@@ -201,6 +203,18 @@ impl PioBus {
                 DeviceAction::None
             }
         }
+    }
+
+    /// Replaces the device mapped at exactly `base` (e.g. the hyperv-testdev placeholder by the real device).
+    /// Fails if no range starts at `base`.
+    pub fn replace(&mut self, base: u16, device: Box<dyn PioDevice>) -> Result<(), String> {
+        let e = self
+            .entries
+            .iter_mut()
+            .find(|e| e.base == base)
+            .ok_or_else(|| format!("no device at I/O port {base:#x}"))?;
+        e.device = device;
+        Ok(())
     }
 
     /// Resets every device (VM reset).

@@ -37,6 +37,7 @@
 //! machine's reset path.
 
 mod platform;
+pub mod pveoi;
 mod timers;
 
 use std::sync::Arc;
@@ -49,7 +50,7 @@ use crate::apic::{Eoi, Gp};
 use crate::machine::{EoiHook, Machine, MsrHook, PortHook, PortResult, VcpuHook, VmError};
 use crate::{HV_MSR_FIRST, HV_MSR_LAST};
 
-pub use platform::{GuestPanic, PanicNotifier, VmmPlatform};
+pub use platform::{GuestPanic, PanicNotifier, SintAckListener, VmmPlatform};
 
 pub use crate::lifecycle::PanicAction;
 
@@ -250,8 +251,27 @@ impl VcpuHook for HvVcpuHook {
             match w {
                 platform::Work::Timer(t) => self.0.timer_expired(VpId(vcpu as u32), t),
                 platform::Work::Engine(work) => self.0.run_vp_work(VpId(vcpu as u32), work),
+                platform::Work::SintAck(sints) => {
+                    self.0.platform().notify_sint_ack(VpId(vcpu as u32), sints)
+                }
             }
         }
+    }
+
+    fn sync_from_guest(&self, vcpu: usize, apic: &mut crate::apic::LocalApic) -> Option<Eoi> {
+        let p = self.0.platform();
+        p.pv_eoi()
+            .sync_from_guest(vcpu, p.handle(), apic, &|gpa, len| {
+                hyperv::Platform::mark_dirty(p, gpa, len)
+            })
+    }
+
+    fn sync_to_guest(&self, vcpu: usize, apic: &crate::apic::LocalApic) {
+        let p = self.0.platform();
+        p.pv_eoi()
+            .sync_to_guest(vcpu, p.handle(), apic, &|gpa, len| {
+                hyperv::Platform::mark_dirty(p, gpa, len)
+            });
     }
 
     fn vm_reset(&self) {

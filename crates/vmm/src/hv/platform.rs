@@ -36,7 +36,13 @@ pub type PanicNotifier = Arc<dyn Fn(&GuestPanic) + Send + Sync>;
 pub(crate) enum Work {
     Timer(TimerId),
     Engine(VpWork),
+    /// The guest acknowledged these SINTs (EOM or EOI): tell the [`SintAckListener`].
+    SintAck(u16),
 }
+
+/// Told on a vCPU's thread, with no engine lock held, which SINTs of that VP the guest acknowledged (EOM, or
+/// the EOI of a SINT vector): devices with staged SynIC messages retry them (hyperv-testdev).
+pub type SintAckListener = Arc<dyn Fn(VpId, u16) + Send + Sync>;
 
 struct VcpuSlot {
     /// `clockid_t` of the vCPU thread's CPU-time clock; `i64::MIN` until the thread registered.
@@ -56,6 +62,9 @@ pub struct VmmPlatform {
     crash_info: bool,
     notifier: Mutex<Option<PanicNotifier>>,
     panics: AtomicU64,
+    /// hv-vapic exit-less EOI state (see [`super::pveoi`]).
+    pv_eoi: super::pveoi::PvEoi,
+    sint_ack: Mutex<Option<SintAckListener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,6 +94,25 @@ impl VmmPlatform {
             crash_info,
             notifier: Mutex::new(None),
             panics: AtomicU64::new(0),
+            pv_eoi: super::pveoi::PvEoi::new(n),
+            sint_ack: Mutex::new(None),
+        }
+    }
+
+    /// The exit-less EOI state.
+    pub fn pv_eoi(&self) -> &super::pveoi::PvEoi {
+        &self.pv_eoi
+    }
+
+    /// Sets the listener told about SINT acknowledgements (replaces a previous one).
+    pub fn set_sint_ack_listener(&self, listener: SintAckListener) {
+        *lock(&self.sint_ack) = Some(listener);
+    }
+
+    pub(crate) fn notify_sint_ack(&self, vp: VpId, sints: u16) {
+        let listener = lock(&self.sint_ack).clone();
+        if let Some(l) = listener {
+            l(vp, sints);
         }
     }
 
@@ -257,6 +285,20 @@ impl Platform for VmmPlatform {
             apic.set_auto_eoi(vector, auto_eoi);
             apic.accept_fixed(vector, false)
         });
+    }
+
+    fn pv_eoi_page_changed(&self, vp: VpId, gpa: Option<u64>) {
+        self.pv_eoi.set_page(
+            vp.index(),
+            gpa.map(|g| g + tlfs::pages::VP_ASSIST_APIC_ASSIST_OFFSET),
+        );
+    }
+
+    fn sint_acked(&self, vp: VpId, sints: u16) {
+        // Called with engine locks held: the listener runs later on the VP's own thread.
+        if lock(&self.sint_ack).is_some() {
+            self.queue(vp, Work::SintAck(sints));
+        }
     }
 
     fn guest_tsc(&self, vp: VpId) -> u64 {

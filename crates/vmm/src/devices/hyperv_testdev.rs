@@ -1,0 +1,401 @@
+//! QEMU's `hyperv-testdev` at I/O port 0x3000, wired into the Hyper-V engine's SynIC.
+//!
+//! Each 32-bit write is one command: SINT number in bits 7:0, VP index in bits 15:8, command in bits 23:16,
+//! connection id in bits 31:24. Reads return 0 (except after the enlighten-only [`CMD_LATCH_EXITS`] command).
+//!
+//! | cmd | name | effect |
+//! |---|---|---|
+//! | 1 | SINT_ROUTE_CREATE | route to SINT `sint` of VP `vp` (the VP must exist and have a SynIC) |
+//! | 2 | SINT_ROUTE_DESTROY | removes it |
+//! | 3 | SINT_ROUTE_SET_SINT | raises the SINT of an existing route (masked / auto-EOI rules apply) |
+//! | 4 | MSG_CONN_CREATE | HvCallPostMessage on connection `conn` echoes the message into slot `sint` of VP `vp` |
+//! | 5 | MSG_CONN_DESTROY | removes it |
+//! | 6 | EVT_CONN_CREATE | HvCallSignalEvent on `conn` sets flag `conn` of slot `sint` of VP `vp` |
+//! | 7 | EVT_CONN_DESTROY | removes it |
+//!
+//! Where QEMU asserts (a route or connection that does not exist, a VP without SynIC, a message that cannot be
+//! delivered) this device ignores the command. The message echo uses one staging buffer per connection: while
+//! an echo waits for a busy slot (its `msg_pending` is set) a second post returns INSUFFICIENT_BUFFERS, and the
+//! staged echo is retried when the guest acknowledges that SINT (EOM, or the EOI of its vector), on the target
+//! vCPU's thread.
+//!
+//! Without `-device hyperv-testdev` the port keeps the placeholder that ignores every write.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use hyperv::{Engine, EventConnection, MessageConnection, SynicError, VpId};
+use tlfs::hypercall as hc;
+
+use super::{le_value, DeviceAction, PioDevice};
+use crate::hv::VmmPlatform;
+
+/// Creates a SINT route.
+pub const CMD_SINT_ROUTE_CREATE: u8 = 1;
+/// Destroys a SINT route.
+pub const CMD_SINT_ROUTE_DESTROY: u8 = 2;
+/// Fires a SINT route.
+pub const CMD_SINT_ROUTE_SET_SINT: u8 = 3;
+/// Creates a message (echo) connection.
+pub const CMD_MSG_CONN_CREATE: u8 = 4;
+/// Destroys a message connection.
+pub const CMD_MSG_CONN_DESTROY: u8 = 5;
+/// Creates an event connection.
+pub const CMD_EVT_CONN_CREATE: u8 = 6;
+/// Destroys an event connection.
+pub const CMD_EVT_CONN_DESTROY: u8 = 7;
+/// enlighten extension (QEMU ignores unknown commands): latch the KVM exit count of VP `vp`; the next two
+/// 32-bit reads return its low and high halves. Used by guest tests to count the exits exit-less EOI saves.
+pub const CMD_LATCH_EXITS: u8 = 0x80;
+
+/// One decoded command word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Command {
+    /// SINT number (bits 7:0).
+    pub sint: u8,
+    /// VP index (bits 15:8).
+    pub vp: u8,
+    /// Command (bits 23:16).
+    pub cmd: u8,
+    /// Connection id (bits 31:24).
+    pub conn: u8,
+}
+
+impl Command {
+    /// Splits a 32-bit command word.
+    pub fn decode(v: u32) -> Command {
+        let [sint, vp, cmd, conn] = v.to_le_bytes();
+        Command { sint, vp, cmd, conn }
+    }
+}
+
+type HvEngine = Engine<VmmPlatform>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
+    vp: VpId,
+    sint: u8,
+}
+
+struct Staged {
+    target: Target,
+    message_type: u32,
+    payload: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    routes: HashSet<(u32, u8)>,
+    msg_conns: HashMap<u8, Target>,
+    evt_conns: HashMap<u8, Target>,
+    /// Echoes waiting for their slot, by connection.
+    staged: HashMap<u8, Staged>,
+    /// Latched exit count and how many halves were read.
+    latched: Option<(u64, u8)>,
+}
+
+struct Inner {
+    engine: OnceLock<Weak<HvEngine>>,
+    state: Mutex<State>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn engine(&self) -> Option<Arc<HvEngine>> {
+        self.engine.get().and_then(Weak::upgrade)
+    }
+
+    /// Tries to copy a staged echo into its slot. Returns true when the staging buffer is free again (delivered,
+    /// or lost because the target cannot take messages), false while the slot is busy.
+    fn try_deliver(engine: &HvEngine, s: &Staged) -> bool {
+        match engine.post_message(s.target.vp, s.target.sint, s.message_type, &s.payload) {
+            Ok(()) => true,
+            Err(SynicError::Busy) => false,
+            // Masked: the message is in the slot, only the interrupt is suppressed.
+            Err(SynicError::Masked) => true,
+            Err(e) => {
+                tracing::debug!(vp = s.target.vp.0, sint = s.target.sint, %e, "hyperv-testdev echo lost");
+                true
+            }
+        }
+    }
+
+    fn command(self: &Arc<Inner>, c: Command) {
+        let Some(engine) = self.engine() else {
+            return;
+        };
+        let mut st = lock(&self.state);
+        let target = || {
+            engine.vp_by_index(u32::from(c.vp)).and_then(|vp| {
+                (usize::from(c.sint) < tlfs::msr::SINT_COUNT && engine.config().synic).then_some(Target {
+                    vp,
+                    sint: c.sint,
+                })
+            })
+        };
+        match c.cmd {
+            CMD_SINT_ROUTE_CREATE => {
+                if target().is_some() {
+                    st.routes.insert((u32::from(c.vp), c.sint));
+                }
+            }
+            CMD_SINT_ROUTE_DESTROY => {
+                st.routes.remove(&(u32::from(c.vp), c.sint));
+            }
+            CMD_SINT_ROUTE_SET_SINT => {
+                if st.routes.contains(&(u32::from(c.vp), c.sint)) {
+                    if let Some(t) = target() {
+                        // Masked SINT: nothing happens, as in KVM.
+                        let _ = engine.raise_sint(t.vp, t.sint);
+                    }
+                }
+            }
+            CMD_MSG_CONN_CREATE => {
+                if let (Some(t), false) = (target(), st.msg_conns.contains_key(&c.conn)) {
+                    let h = Arc::new(MsgConn {
+                        inner: Arc::downgrade(self),
+                        conn: c.conn,
+                    });
+                    if engine
+                        .register_message_connection(u32::from(c.conn), h)
+                        .is_ok()
+                    {
+                        st.msg_conns.insert(c.conn, t);
+                    }
+                }
+            }
+            CMD_MSG_CONN_DESTROY => {
+                if st.msg_conns.remove(&c.conn).is_some() {
+                    engine.unregister_message_connection(u32::from(c.conn));
+                    st.staged.remove(&c.conn);
+                }
+            }
+            CMD_EVT_CONN_CREATE => {
+                if let (Some(t), false) = (target(), st.evt_conns.contains_key(&c.conn)) {
+                    let h = Arc::new(EvtConn {
+                        inner: Arc::downgrade(self),
+                        conn: c.conn,
+                    });
+                    if engine
+                        .register_event_connection(u32::from(c.conn), h)
+                        .is_ok()
+                    {
+                        st.evt_conns.insert(c.conn, t);
+                    }
+                }
+            }
+            CMD_EVT_CONN_DESTROY => {
+                if st.evt_conns.remove(&c.conn).is_some() {
+                    engine.unregister_event_connection(u32::from(c.conn));
+                }
+            }
+            CMD_LATCH_EXITS => {
+                let count = engine
+                    .vp_by_index(u32::from(c.vp))
+                    .and_then(|vp| engine.platform().handle().exit_count(vp.index()));
+                st.latched = count.map(|n| (n, 0));
+            }
+            _ => {}
+        }
+    }
+
+    fn read(&self) -> u32 {
+        let mut st = lock(&self.state);
+        match st.latched {
+            Some((n, 0)) => {
+                st.latched = Some((n, 1));
+                n as u32
+            }
+            Some((n, _)) => {
+                st.latched = None;
+                (n >> 32) as u32
+            }
+            None => 0,
+        }
+    }
+
+    /// The guest acknowledged `sints` of `vp`: retry the staged echoes waiting there. On `vp`'s thread.
+    fn acked(&self, vp: VpId, sints: u16) {
+        let Some(engine) = self.engine() else {
+            return;
+        };
+        let mut st = lock(&self.state);
+        let waiting: Vec<u8> = st
+            .staged
+            .iter()
+            .filter(|(_, s)| {
+                s.target.vp == vp && sints & (1u16 << (s.target.sint & 15)) != 0
+            })
+            .map(|(&c, _)| c)
+            .collect();
+        for conn in waiting {
+            let done = st
+                .staged
+                .get(&conn)
+                .is_some_and(|s| Inner::try_deliver(&engine, s));
+            if done {
+                st.staged.remove(&conn);
+            }
+        }
+    }
+}
+
+struct MsgConn {
+    inner: Weak<Inner>,
+    conn: u8,
+}
+
+impl MessageConnection for MsgConn {
+    fn post_message(&self, _vp: VpId, message_type: u32, payload: &[u8]) -> u16 {
+        let (Some(inner), true) = (self.inner.upgrade(), payload.len() <= hc::MESSAGE_PAYLOAD_MAX as usize)
+        else {
+            return hc::STATUS_INVALID_HYPERCALL_INPUT;
+        };
+        let Some(engine) = inner.engine() else {
+            return hc::STATUS_INVALID_HYPERCALL_INPUT;
+        };
+        let mut st = lock(&inner.state);
+        let Some(&target) = st.msg_conns.get(&self.conn) else {
+            return hc::STATUS_INVALID_HYPERCALL_INPUT;
+        };
+        if st.staged.contains_key(&self.conn) {
+            return hc::STATUS_INSUFFICIENT_BUFFERS;
+        }
+        let staged = Staged {
+            target,
+            message_type,
+            payload: payload.to_vec(),
+        };
+        if !Inner::try_deliver(&engine, &staged) {
+            st.staged.insert(self.conn, staged);
+        }
+        hc::STATUS_SUCCESS
+    }
+}
+
+struct EvtConn {
+    inner: Weak<Inner>,
+    conn: u8,
+}
+
+impl EventConnection for EvtConn {
+    fn signal_event(&self, _vp: VpId) -> u16 {
+        let Some(inner) = self.inner.upgrade() else {
+            return hc::STATUS_INVALID_CONNECTION_ID;
+        };
+        let Some(engine) = inner.engine() else {
+            return hc::STATUS_INVALID_CONNECTION_ID;
+        };
+        let target = lock(&inner.state).evt_conns.get(&self.conn).copied();
+        if let Some(t) = target {
+            // SCONTROL or SIEFP disabled, page outside RAM: the event is dropped (QEMU asserts).
+            if let Err(e) = engine.signal_event_flag(t.vp, t.sint, u32::from(self.conn)) {
+                tracing::debug!(vp = t.vp.0, sint = t.sint, %e, "hyperv-testdev event dropped");
+            }
+        }
+        hc::STATUS_SUCCESS
+    }
+}
+
+/// The port device (put it on the bus at [`super::HYPERV_TESTDEV_PORT`], 4 ports).
+pub struct HypervTestDev {
+    inner: Arc<Inner>,
+}
+
+/// The link that connects a [`HypervTestDev`] to the engine once the engine exists.
+#[derive(Clone)]
+pub struct HypervTestDevLink {
+    inner: Arc<Inner>,
+}
+
+impl HypervTestDev {
+    /// A device not yet connected (commands are ignored until [`HypervTestDevLink::attach`]).
+    pub fn new() -> (HypervTestDev, HypervTestDevLink) {
+        let inner = Arc::new(Inner {
+            engine: OnceLock::new(),
+            state: Mutex::new(State::default()),
+        });
+        (
+            HypervTestDev {
+                inner: inner.clone(),
+            },
+            HypervTestDevLink { inner },
+        )
+    }
+}
+
+impl HypervTestDevLink {
+    /// Connects the device to `engine` (once; later calls are ignored) and subscribes to SINT
+    /// acknowledgements for the message-echo retries.
+    pub fn attach(&self, engine: &Arc<HvEngine>) {
+        if self.inner.engine.set(Arc::downgrade(engine)).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        engine
+            .platform()
+            .set_sint_ack_listener(Arc::new(move |vp: VpId, sints: u16| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.acked(vp, sints);
+                }
+            }));
+    }
+}
+
+impl PioDevice for HypervTestDev {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 0 && data.len() == 4 {
+            data.copy_from_slice(&self.inner.read().to_le_bytes());
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+        // Only aligned 32-bit accesses are commands (QEMU's region accepts nothing else).
+        if offset == 0 && data.len() == 4 {
+            self.inner.command(Command::decode(le_value(data) as u32));
+        }
+        DeviceAction::None
+    }
+
+    fn reset(&mut self) {
+        // Routes and connections are QEMU device state that survives a guest reset only as long as the
+        // guest does not recreate them; drop the in-flight echoes and the exit latch, keep the table (the
+        // engine's connection table is not reset either).
+        let mut st = lock(&self.inner.state);
+        st.staged.clear();
+        st.latched = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_words_decode() {
+        let cases = [
+            (0x0401_0203u32, Command { sint: 3, vp: 2, cmd: 1, conn: 4 }),
+            (0xFF07_0000, Command { sint: 0, vp: 0, cmd: 7, conn: 0xFF }),
+            (0x0003_010F, Command { sint: 15, vp: 1, cmd: 3, conn: 0 }),
+        ];
+        for (word, want) in cases {
+            assert_eq!(Command::decode(word), want, "{word:#x}");
+        }
+    }
+
+    #[test]
+    fn unattached_device_ignores_everything() {
+        let (mut dev, _link) = HypervTestDev::new();
+        for cmd in 0u32..=8 {
+            assert_eq!(dev.write(0, &(cmd << 16).to_le_bytes()), DeviceAction::None);
+        }
+        assert_eq!(dev.write(1, &[1]), DeviceAction::None);
+        let mut d = [0xAAu8; 4];
+        dev.read(0, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

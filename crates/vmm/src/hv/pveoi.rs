@@ -1,0 +1,146 @@
+//! hv-vapic exit-less EOI with KVM's PV-EOI semantics, through bit 0 ("no EOI required") of the first u32 of
+//! the VP assist page.
+//!
+//! - **Before each entry** ([`PvEoi::sync_to_guest`]): if the page is enabled, nothing is requested in the IRR
+//!   and exactly one vector is in service, and that vector was accepted edge-triggered, the bit is set and the
+//!   vector remembered. (KVM: `apic_sync_pv_eoi_to_guest`.)
+//! - A guest that honours the bit clears it in its handler instead of writing EOI.
+//! - **After each exit, before a new delivery is decided** ([`PvEoi::sync_from_guest`]): if the bit was set for
+//!   this entry and the guest cleared it, the VMM performs the EOI now (and the machine reports it to the EOI
+//!   hook like any other EOI); if the guest left it set, the VMM clears it again, so the guest writes a real EOI
+//!   should another interrupt arrive first. (KVM: `apic_sync_pv_eoi_from_guest`.)
+//!
+//! This is never auto-EOI: the vector stays in the ISR, and priority masking stays exact, until the guest's
+//! handler has cleared the bit and the vCPU has exited. The machine runs `sync_from_guest` before parking a
+//! vCPU, so a snapshot never holds a half-done exit-less EOI in guest memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::apic::{Eoi, LocalApic};
+use crate::machine::VmHandle;
+
+/// The "no EOI required" bit.
+pub const NO_EOI_REQUIRED: u32 = 1;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    /// Guest physical address of the assist page's first u32 (the page is enabled).
+    gpa: Option<u64>,
+    /// The vector whose EOI the bit currently stands for.
+    pending: Option<u8>,
+}
+
+/// Per-vCPU exit-less EOI state.
+#[derive(Debug, Default)]
+pub struct PvEoi {
+    slots: Vec<Mutex<Slot>>,
+    /// Exit-less EOIs completed, over all vCPUs.
+    completed: AtomicU64,
+}
+
+impl PvEoi {
+    /// State for `n` vCPUs, every page disabled.
+    pub fn new(n: usize) -> PvEoi {
+        PvEoi {
+            slots: (0..n).map(|_| Mutex::new(Slot::default())).collect(),
+            completed: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, vcpu: usize) -> Option<MutexGuard<'_, Slot>> {
+        self.slots
+            .get(vcpu)
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The VP assist page of `vcpu` was enabled at `gpa` or disabled. A pending exit-less EOI is forgotten (the
+    /// engine zeroed the page's first u32, as KVM does).
+    pub fn set_page(&self, vcpu: usize, gpa: Option<u64>) {
+        if let Some(mut s) = self.slot(vcpu) {
+            *s = Slot { gpa, pending: None };
+        }
+    }
+
+    /// Number of EOIs completed exit-lessly so far (all vCPUs).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// After an exit, on `vcpu`'s thread with its state locked: completes the EOI the guest signalled by clearing
+    /// the bit, or clears a bit the guest did not use. Returns the EOI performed.
+    /// `dirty` is told about every write the VMM makes to guest memory (dirty-page tracking for migration).
+    pub fn sync_from_guest(
+        &self,
+        vcpu: usize,
+        mem: &VmHandle,
+        apic: &mut LocalApic,
+        dirty: &dyn Fn(u64, u64),
+    ) -> Option<Eoi> {
+        let mut s = self.slot(vcpu)?;
+        let vector = s.pending.take()?;
+        let gpa = s.gpa?;
+        let mem = mem.memory();
+        let Ok(word) = mem.read_obj::<u32>(GuestAddress(gpa)) else {
+            return None;
+        };
+        if word & NO_EOI_REQUIRED != 0 {
+            // The handler has not run (or has not finished): the guest must EOI normally from now on.
+            if mem
+                .write_obj(word & !NO_EOI_REQUIRED, GuestAddress(gpa))
+                .is_ok()
+            {
+                dirty(gpa, 4);
+            }
+            return None;
+        }
+        // Only the vector the bit was set for; after an INIT or a restore the ISR may describe something else.
+        if !apic.is_in_service(vector) || apic.isr_count() != 1 {
+            return None;
+        }
+        let eoi = apic.eoi();
+        if eoi.is_some() {
+            self.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        eoi
+    }
+
+    /// Right before `KVM_RUN`, with `vcpu`'s state locked and the injection decided: offers an exit-less EOI
+    /// when it is safe (exactly one edge-triggered vector in service, nothing requested).
+    pub fn sync_to_guest(
+        &self,
+        vcpu: usize,
+        mem: &VmHandle,
+        apic: &LocalApic,
+        dirty: &dyn Fn(u64, u64),
+    ) {
+        let Some(mut s) = self.slot(vcpu) else {
+            return;
+        };
+        let Some(gpa) = s.gpa else {
+            return;
+        };
+        if s.pending.is_some() || apic.highest_irr().is_some() || apic.isr_count() != 1 {
+            return;
+        }
+        let Some(vector) = (0..=255u8).rev().find(|&v| apic.is_in_service(v)) else {
+            return;
+        };
+        if apic.is_level_triggered(vector) {
+            return;
+        }
+        let mem = mem.memory();
+        let Ok(word) = mem.read_obj::<u32>(GuestAddress(gpa)) else {
+            return;
+        };
+        if mem
+            .write_obj(word | NO_EOI_REQUIRED, GuestAddress(gpa))
+            .is_ok()
+        {
+            dirty(gpa, 4);
+            s.pending = Some(vector);
+        }
+    }
+}
