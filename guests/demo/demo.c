@@ -4,6 +4,7 @@
  * to report something new (an enlightenment, say), write a `static void section_x(void)` and add it there.
  */
 #include "rt.h"
+#include "hv.h"
 
 static void cpuid_string(u32 leaf, char out[13])
 {
@@ -134,6 +135,114 @@ static void section_timer(void)
         printf(" (TSC frequency not in CPUID: %lu kHz if the APIC clock is 1 GHz)\n", dt / 50);
 }
 
+/* ---- Hyper-V enlightenments: each one found in CPUID is exercised and reported as working or not. */
+
+static volatile u64 hv_vp_index[MAX_CPUS];
+
+static void note_vp_index(void *arg)
+{
+    (void)arg;
+    u64 v = ~0ul;
+    if (rdmsr_safe(HV_MSR_VP_INDEX, &v))
+        v = ~0ul;
+    hv_vp_index[smp_id()] = v;
+}
+
+static struct hv_tsc_page *hv_tsc;
+
+/* CPL 3: `n` reference-TSC-page reads; returns the number of reads that went backwards or found the page
+ * invalid (0 expected). */
+static u64 hv_user_reads(u64 n)
+{
+    u64 prev = 0, bad = 0;
+    for (u64 i = 0; i < n; i++) {
+        u64 t = 0;
+        if (!hv_tsc_page_read(hv_tsc, &t) || t < prev)
+            bad++;
+        prev = t;
+    }
+    return bad;
+}
+
+static const char *works(bool ok) { return ok ? "working" : "NOT WORKING"; }
+
+static void section_hyperv(void)
+{
+    if (!hv_identified()) {
+        printf("  not identified (try -cpu host,hv-passthrough)\n");
+        return;
+    }
+    u32 a = hv_features_eax(), d = hv_features_edx();
+    struct cpuid hints = cpuid(0x40000004);
+    if (a & HV_EAX_HYPERCALL) {
+        void *page = hv_enable_hypercalls();
+        u64 st = page ? hv_hypercall(0x7FFF, 0, 0) : ~0ul;
+        u64 spin = page ? hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT, 0, 0) : ~0ul;
+        printf("  hypercall page  at %p, unknown call -> status %lu, NotifyLongSpinWait -> %lu: %s\n", page, st, spin,
+               works(st == HV_STATUS_INVALID_HYPERCALL_CODE));
+    }
+    if (hints.a & (1u << 5))
+        printf("  relaxed timing  recommended (hv-relaxed)\n");
+    if (hints.b != 0xFFFFFFFF)
+        printf("  spinlocks       notify after %u retries (hv-spinlocks)\n", hints.b);
+    if (a & HV_EAX_VP_INDEX) {
+        bool ok = true;
+        printf("  VP index       ");
+        for (u32 i = 0; i < nr_cpus(); i++) {
+            on_cpu(i, note_vp_index, NULL);
+            printf(" %lu", hv_vp_index[i]);
+            ok &= hv_vp_index[i] == i;
+        }
+        printf(" (= APIC IDs): %s\n", works(ok));
+    }
+    if (a & HV_EAX_VP_RUNTIME) {
+        u64 r0 = rdmsr(HV_MSR_VP_RUNTIME);
+        for (volatile u32 i = 0; i < 20000; i++) {
+        }
+        u64 r1 = rdmsr(HV_MSR_VP_RUNTIME);
+        printf("  VP runtime      %lu us of vCPU thread time so far: %s\n", r1 / 10, works(r1 > r0));
+    }
+    if (a & HV_EAX_FREQUENCY_MSRS)
+        printf("  frequencies     TSC %lu Hz, APIC %lu Hz\n", rdmsr(HV_MSR_TSC_FREQUENCY),
+               rdmsr(HV_MSR_APIC_FREQUENCY));
+    if (a & HV_EAX_TIME_REF_COUNT) {
+        u64 t0 = rdmsr(HV_MSR_TIME_REF_COUNT);
+        for (int i = 0; i < 99; i++)
+            rdmsr(HV_MSR_TIME_REF_COUNT);
+        u64 t1 = rdmsr(HV_MSR_TIME_REF_COUNT);
+        printf("  TIME_REF_COUNT  %lu ms since start, %lu ns per read (each read is an exit): %s\n", t1 / 10000,
+               (t1 - t0), works(t1 > t0));
+        if (a & HV_EAX_REFERENCE_TSC) {
+            u64 per_msr_ns = t1 - t0; /* 100 reads, 100 ns units: ns per read */
+            hv_tsc = alloc_pages(1);
+            wrmsr(HV_MSR_REFERENCE_TSC, (u64)hv_tsc | 1);
+            u64 s0 = 0, s1 = 0;
+            bool valid = hv_tsc_page_read(hv_tsc, &s0);
+            const u64 n = 1000000;
+            u64 bad = valid ? run_user(hv_user_reads, n) : n;
+            valid &= hv_tsc_page_read(hv_tsc, &s1);
+            u64 ns = (s1 - s0) * 100;
+            /* Had each read exited, n reads would take at least n exits. */
+            bool exit_free = valid && bad == 0 && ns < n * per_msr_ns / 10;
+            printf("  reference TSC   scale=%lx, offset=%ld, sequence %u; %lu CPL-3 reads in %lu us (%lu ns each)%s: "
+                   "%s\n",
+                   hv_tsc->scale, hv_tsc->offset, hv_tsc->sequence, n, ns / 1000, ns / n,
+                   exit_free ? ", without an exit" : "", works(exit_free));
+        }
+    }
+    if (d & HV_EDX_CRASH_MSRS)
+        printf("  crash MSRs      CRASH_CTL=%lx (notify supported): %s\n", rdmsr(HV_MSR_CRASH_CTL),
+               works(rdmsr(HV_MSR_CRASH_CTL) == HV_CRASH_CTL_NOTIFY));
+    if (a & HV_EAX_RESET)
+        printf("  reset MSR       available (writing 1 resets the VM)\n");
+    if (a & HV_EAX_REENLIGHTENMENT) {
+        wrmsr(HV_MSR_REENLIGHTENMENT_CONTROL, 0x10030);
+        bool ok = rdmsr(HV_MSR_REENLIGHTENMENT_CONTROL) == 0x10030;
+        wrmsr(HV_MSR_REENLIGHTENMENT_CONTROL, 0);
+        printf("  re-enlightenment MSRs: %s\n", works(ok));
+    }
+}
+
 static const struct {
     const char *title;
     void (*fn)(void);
@@ -143,6 +252,7 @@ static const struct {
     { "vCPUs", section_cpus },
     { "Memory", section_memory },
     { "Timer", section_timer },
+    { "Hyper-V", section_hyperv },
 };
 
 int main(void)
