@@ -65,7 +65,12 @@ impl Command {
     /// Splits a 32-bit command word.
     pub fn decode(v: u32) -> Command {
         let [sint, vp, cmd, conn] = v.to_le_bytes();
-        Command { sint, vp, cmd, conn }
+        Command {
+            sint,
+            vp,
+            cmd,
+            conn,
+        }
     }
 }
 
@@ -130,10 +135,8 @@ impl Inner {
         let mut st = lock(&self.state);
         let target = || {
             engine.vp_by_index(u32::from(c.vp)).and_then(|vp| {
-                (usize::from(c.sint) < tlfs::msr::SINT_COUNT && engine.config().synic).then_some(Target {
-                    vp,
-                    sint: c.sint,
-                })
+                (usize::from(c.sint) < tlfs::msr::SINT_COUNT && engine.config().synic)
+                    .then_some(Target { vp, sint: c.sint })
             })
         };
         match c.cmd {
@@ -226,9 +229,7 @@ impl Inner {
         let waiting: Vec<u8> = st
             .staged
             .iter()
-            .filter(|(_, s)| {
-                s.target.vp == vp && sints & (1u16 << (s.target.sint & 15)) != 0
-            })
+            .filter(|(_, s)| s.target.vp == vp && sints & (1u16 << (s.target.sint & 15)) != 0)
             .map(|(&c, _)| c)
             .collect();
         for conn in waiting {
@@ -250,8 +251,10 @@ struct MsgConn {
 
 impl MessageConnection for MsgConn {
     fn post_message(&self, _vp: VpId, message_type: u32, payload: &[u8]) -> u16 {
-        let (Some(inner), true) = (self.inner.upgrade(), payload.len() <= hc::MESSAGE_PAYLOAD_MAX as usize)
-        else {
+        let (Some(inner), true) = (
+            self.inner.upgrade(),
+            payload.len() <= hc::MESSAGE_PAYLOAD_MAX as usize,
+        ) else {
             return hc::STATUS_INVALID_HYPERCALL_INPUT;
         };
         let Some(engine) = inner.engine() else {
@@ -378,9 +381,33 @@ mod tests {
     #[test]
     fn command_words_decode() {
         let cases = [
-            (0x0401_0203u32, Command { sint: 3, vp: 2, cmd: 1, conn: 4 }),
-            (0xFF07_0000, Command { sint: 0, vp: 0, cmd: 7, conn: 0xFF }),
-            (0x0003_010F, Command { sint: 15, vp: 1, cmd: 3, conn: 0 }),
+            (
+                0x0401_0203u32,
+                Command {
+                    sint: 3,
+                    vp: 2,
+                    cmd: 1,
+                    conn: 4,
+                },
+            ),
+            (
+                0xFF07_0000,
+                Command {
+                    sint: 0,
+                    vp: 0,
+                    cmd: 7,
+                    conn: 0xFF,
+                },
+            ),
+            (
+                0x0003_010F,
+                Command {
+                    sint: 15,
+                    vp: 1,
+                    cmd: 3,
+                    conn: 0,
+                },
+            ),
         ];
         for (word, want) in cases {
             assert_eq!(Command::decode(word), want, "{word:#x}");
