@@ -353,9 +353,10 @@ impl Platform for VmmPlatform {
         std::thread::yield_now();
     }
 
-    fn flush_remote_tlb(&self, _caller: VpId, _targets: &[VpId]) {
-        // NOT IMPLEMENTED YET: no hypercall calls this until engine III; it will call
-        // `crate::tlbflush` (being written) once that exists.
+    fn flush_remote_tlb(&self, caller: VpId, targets: &[VpId]) {
+        let targets: Vec<usize> = targets.iter().map(|t| t.index()).collect();
+        let stats = crate::tlbflush::flush_vcpus(&self.handle, caller.index(), &targets);
+        tracing::trace!(caller = caller.0, ?stats, "remote TLB flush");
     }
 
     fn event(&self, event: Event) {
