@@ -46,7 +46,7 @@ def main():
             text=True,
             check=False,
         ).stderr
-    per_file = collections.defaultdict(lambda: [0, 0])
+    per_file = collections.defaultdict(lambda: [0, 0, 0, 0])
     fmt = [0, 0]
     for line in out.splitlines():
         m = LINE.match(line)
@@ -63,14 +63,17 @@ def main():
             continue
         per_file[path][0] += covered
         per_file[path][1] += total
-    per_crate = collections.defaultdict(lambda: [0, 0])
-    for path, (c, t) in sorted(per_file.items()):
+        per_file[path][2] += 1 if covered else 0
+        per_file[path][3] += 1
+    per_crate = collections.defaultdict(lambda: [0, 0, 0, 0])
+    for path, (c, t, fc, ft) in sorted(per_file.items()):
         crate = path.split("/crates/", 1)[-1].split("/", 1)[0]
-        per_crate[crate][0] += c
-        per_crate[crate][1] += t
-        print(f"{c:6}/{t:<6} {100.0 * c / max(t, 1):5.1f}%  {path}")
-    for crate, (c, t) in sorted(per_crate.items()):
-        print(f"crate {crate}: {c}/{t} edges ({100.0 * c / max(t, 1):.1f}%)")
+        for i, v in enumerate((c, t, fc, ft)):
+            per_crate[crate][i] += v
+        print(f"functions {fc:4}/{ft:<4} edges {c:6}/{t:<6}  {path}")
+    for crate, (c, t, fc, ft) in sorted(per_crate.items()):
+        print(f"crate {crate}: {fc}/{ft} out-of-line functions reached, {c}/{t} of their edges "
+              f"({100.0 * c / max(t, 1):.1f}%; the totals include sanitizer and panic paths)")
     print(f"Debug::fmt (assertion messages only): {fmt[0]}/{fmt[1]} edges")
 
 
