@@ -3,13 +3,14 @@
  *
  * test=micro (default): round trips in TSC ticks (median and p99 over `n` samples, each one access bracketed
  *   by rdtsc) of
- *   - a bare port read of an unused port (all-ones, the VMM does no work) at CPL 3 (IOPL=3) and at CPL 0;
+ *   - a bare port read of an unused port (all-ones, the VMM does no work) at CPL 0, and a bare MMIO read of
+ *     an address with neither RAM nor device at CPL 3 (native here; PVM gives CPL 3 no port access) and CPL 0;
  *   - NotifyLongSpinWait through the hypercall page (CPL 0 only: the page is supervisor-only);
  *   - rdmsr of TIME_REF_COUNT (synthetic) and of IA32_APIC_BASE (the VMM's APIC, non-synthetic), CPL 0;
  *   - a CPL 0 loop body with no exit at all (what KVM's instruction emulator adds to every CPL 0 sample);
  *   - reference time from the TSC page at CPL 3 (native here) and from TIME_REF_COUNT.
  *   Prints one `BENCH key=value ...` line per measure.
- * test=loop: `kind` = port3 (bare port reads at CPL 3) or tscpage (TSC-page reads at CPL 3), `n` iterations,
+ * test=loop: `kind` = mmio3 (bare MMIO reads at CPL 3) or tscpage (TSC-page reads at CPL 3), `n` iterations,
  *   fixed-width output: two runs with different `n` differ in exits only by the loop's own exits.
  * test=irq: `n` APIC-timer interrupts (1 ms periodic) taken while spinning at CPL 3, each ended with
  *   eoi=xapic (MMIO EOI register; run with mode=xapic), eoi=msr (HV_X64_MSR_EOI) or eoi=pv (exit-less EOI
@@ -20,6 +21,10 @@
 #include "hv.h"
 
 #define IDLE_PORT 0x7F0 /* no device: reads all-ones */
+/* No RAM and no device at this address: a 4-byte read exits as MMIO and reads all-ones. This host's KVM
+ * (PVM) runs CPL 3 natively and never grants IOPL or an I/O bitmap to it, so at CPL 3 the bare exit is an
+ * MMIO read rather than a port read. */
+#define IDLE_MMIO 0xF0000000ul
 #define MAX_SAMPLES 4096
 #define HV_MSR_EOI 0x40000070
 #define HV_MSR_VP_ASSIST_PAGE 0x40000073
@@ -72,25 +77,27 @@ static void report_samples(const char *name, u64 n)
            n);
 }
 
-/* ---- CPL 3 loops (IOPL=3 is inherited from the caller's RFLAGS) */
-static u64 user_port_samples(u64 n)
+/* ---- CPL 3 loops */
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+
+static u64 user_mmio_samples(u64 n)
 {
     u64 bad = 0;
     for (u64 i = 0; i < n; i++) {
         u64 t0 = rdtsc();
-        u8 v = inb(IDLE_PORT);
+        u32 v = mmio_read32(IDLE_MMIO);
         u64 t1 = rdtsc();
         samples[i] = t1 - t0;
-        bad += v != 0xFF;
+        bad += v != 0xFFFFFFFF;
     }
     return bad;
 }
 
-static u64 user_port_loop(u64 n)
+static u64 user_mmio_loop(u64 n)
 {
     u64 bad = 0;
     for (u64 i = 0; i < n; i++)
-        bad += inb(IDLE_PORT) != 0xFF;
+        bad += mmio_read32(IDLE_MMIO) != 0xFFFFFFFF;
     return bad;
 }
 
@@ -121,16 +128,6 @@ static u64 user_tscpage_loop(u64 n)
     return rdtsc() - t0;
 }
 
-/* Runs fn(arg) at CPL 3 with IOPL=3 so that port I/O does not fault. */
-static u64 run_user_iopl3(u64 (*fn)(u64), u64 arg)
-{
-    u64 saved = read_rflags();
-    asm volatile("push %0; popfq" ::"r"(saved | (3ul << 12)) : "memory", "cc");
-    u64 r = run_user(fn, arg);
-    asm volatile("push %0; popfq" ::"r"(saved) : "memory", "cc");
-    return r;
-}
-
 static void noexit_target(void) { asm volatile("" ::: "memory"); }
 
 static bool setup_tsc_page(void)
@@ -152,12 +149,24 @@ static void micro(void)
         n = MAX_SAMPLES;
     if (n < 10)
         n = 10;
-    printf("BENCH info tsc_hz=%lu\n", tsc_hz_from_cpuid());
+    u64 hz = tsc_hz_from_cpuid();
+    if (!hz && (hv_features_eax() & HV_EAX_FREQUENCY_MSRS))
+        hz = rdmsr(HV_MSR_TSC_FREQUENCY);
+    printf("BENCH info tsc_hz=%lu\n", hz);
 
-    /* floor at CPL 3 */
-    u64 bad = run_user_iopl3(user_port_samples, n);
-    report(bad == 0, "port %#x reads all-ones at CPL 3", IDLE_PORT);
-    report_samples("floor_cpl3", n);
+    /* bare MMIO exit at CPL 3 (native execution) and at CPL 0 */
+    u64 bad = run_user(user_mmio_samples, n);
+    report(bad == 0, "MMIO 0x%lx reads all-ones at CPL 3", IDLE_MMIO);
+    report_samples("mmio_cpl3", n);
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        u32 v = mmio_read32(IDLE_MMIO);
+        u64 t1 = rdtsc();
+        samples[i] = t1 - t0;
+        bad += v != 0xFFFFFFFF;
+    }
+    report(bad == 0, "MMIO 0x%lx reads all-ones at CPL 0", IDLE_MMIO);
+    report_samples("mmio_cpl0", n);
 
     /* floor at CPL 0 */
     for (u64 i = 0; i < n; i++) {
@@ -167,7 +176,7 @@ static void micro(void)
         samples[i] = t1 - t0;
         bad += v != 0xFF;
     }
-    report(bad == 0, "port %#x reads all-ones at CPL 0", IDLE_PORT);
+    report(bad == 0, "port 0x%x reads all-ones at CPL 0", IDLE_PORT);
     report_samples("floor_cpl0", n);
 
     /* emulation cost of a CPL 0 sample without an exit (an indirect call, as the hypercall makes) */
@@ -180,8 +189,23 @@ static void micro(void)
     }
     report_samples("noexit_cpl0", n);
 
-    /* hypercall round trip */
+    /* hypercall round trip, and the same call into a copy of the page whose `out` goes to an idle port: the
+     * same instructions for KVM to emulate, an exit the VMM answers with no work */
     if (hv_features_eax() & HV_EAX_HYPERCALL && hv_enable_hypercalls()) {
+        u8 *null_page = alloc_pages(1);
+        memcpy(null_page, hv_hypercall_page, 4096);
+        report(null_page[0] == 0xE6 && null_page[2] == 0xC3, "hypercall page is `out imm8, al; ret`");
+        null_page[1] = 0xE5; /* no device */
+        void *real = hv_hypercall_page;
+        hv_hypercall_page = null_page;
+        for (u64 i = 0; i < n; i++) {
+            u64 t0 = rdtsc();
+            (void)hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_HYPERCALL_FAST, 1, 0);
+            u64 t1 = rdtsc();
+            samples[i] = t1 - t0;
+        }
+        report_samples("nullcall_cpl0", n);
+        hv_hypercall_page = real;
         u64 st = 0;
         for (u64 i = 0; i < n; i++) {
             u64 t0 = rdtsc();
@@ -189,7 +213,7 @@ static void micro(void)
             u64 t1 = rdtsc();
             samples[i] = t1 - t0;
         }
-        report((st & 0xFFFF) == HV_STATUS_SUCCESS, "NotifyLongSpinWait returns success (%#lx)", st);
+        report((st & 0xFFFF) == HV_STATUS_SUCCESS, "NotifyLongSpinWait returns success (0x%lx)", st);
         report_samples("hypercall_cpl0", n);
     } else {
         report_skip("no hypercall page");
@@ -236,9 +260,9 @@ static void loop(void)
 {
     u64 n = arg_u64("n", 100000);
     u64 r = 0;
-    if (arg_is("kind", "port3")) {
-        r = run_user_iopl3(user_port_loop, n);
-        report(r == 0, "port reads all-ones");
+    if (arg_is("kind", "mmio3")) {
+        r = run_user(user_mmio_loop, n);
+        report(r == 0, "MMIO reads all-ones");
     } else if (arg_is("kind", "tscpage")) {
         if (!setup_tsc_page())
             fail("no reference TSC page");
