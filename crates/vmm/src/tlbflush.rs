@@ -131,7 +131,13 @@ pub fn flush_vcpus(handle: &VmHandle, caller: usize, targets: &[usize]) -> Flush
     for &t in &waiting {
         let v = &shared.vcpus[t];
         let mut st = v.lock();
-        while st.in_guest && !st.exited && !shared.stopping() {
+        // Done when it has left `KVM_RUN` or, if it already re-entered, when it has taken the queued flush (it
+        // takes its requests only outside the guest, after leaving): a short exit is not missed.
+        while st.in_guest
+            && st.requests.contains(&VcpuRequest::FlushTlb)
+            && !st.exited
+            && !shared.stopping()
+        {
             st.exit_waiters = true;
             st = v.parked_cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
