@@ -1,7 +1,7 @@
 //! Machine life-cycle notifications for a controller (enlighten's QMP glue).
 //!
-//! The event loop of [`crate::Machine::run`] tells an installed [`LifecycleHook`] about resets and power-off
-//! before it acts on them, and the Hyper-V crash path reports a guest panic through
+//! The event loop of [`crate::Machine::run`] tells an installed [`LifecycleHook`] about resets (once done, as
+//! QEMU reports RESET after resetting) and power-off, and the Hyper-V crash path reports a guest panic through
 //! [`crate::VmHandle::guest_panicked`]. The hook turns these into QMP events (RESET, SHUTDOWN,
 //! GUEST_PANICKED, STOP) and keeps the run state QEMU reports in `query-status`.
 
@@ -41,7 +41,8 @@ impl PanicAction {
 /// on the vCPUs (no [`crate::VmHandle::pause`]), because `guest_panicked` runs on a vCPU thread and the others
 /// on the event-loop thread while vCPUs may be waiting for it.
 pub trait LifecycleHook: Send + Sync {
-    /// The VM is about to be reset. `guest`: the guest asked for it (reset port, RESET MSR, triple fault;
+    /// The VM was reset (called after the reset, before the vCPUs run guest code again if they were
+    /// held), or, with `reboot` false, is about to end. `guest`: the guest asked for it (reset port, RESET MSR, triple fault;
     /// reason `guest-reset`), otherwise [`crate::VmHandle::request_reset`] did (`host-qmp-system-reset`).
     /// `reboot` is false when `--no-reboot` turns the reset into the end of the VM (QEMU then reports a
     /// SHUTDOWN with the same reason instead of a RESET).

@@ -1119,33 +1119,21 @@ impl Machine {
                     }
                     return Outcome::PowerOff;
                 }
-                VmEvent::HostReset => {
-                    if let Some(hook) = self.shared.lifecycle_hook.get() {
-                        hook.reset(false, !self.no_reboot);
-                    }
+                VmEvent::HostReset | VmEvent::Io(IoAction::Reset) => {
+                    let guest = !matches!(ev, VmEvent::HostReset);
                     if self.no_reboot {
+                        self.notify_reset(guest, false);
                         return Outcome::Stopped;
                     }
                     if let Err(e) = self.reset() {
                         return Outcome::Error(e);
                     }
-                }
-                VmEvent::Io(IoAction::Reset) => {
-                    if let Some(hook) = self.shared.lifecycle_hook.get() {
-                        hook.reset(true, !self.no_reboot);
-                    }
-                    if self.no_reboot {
-                        return Outcome::Stopped;
-                    }
-                    if let Err(e) = self.reset() {
-                        return Outcome::Error(e);
-                    }
+                    // As QEMU's qemu_system_reset(): the RESET event follows the reset.
+                    self.notify_reset(guest, true);
                 }
                 VmEvent::TripleFault { vcpu, dump } => {
-                    if let Some(hook) = self.shared.lifecycle_hook.get() {
-                        hook.reset(true, !self.no_reboot);
-                    }
                     if self.no_reboot {
+                        self.notify_reset(true, false);
                         eprintln!(
                             "warning: triple fault on vCPU {vcpu}; stopping (--no-reboot): {dump}"
                         );
@@ -1155,6 +1143,7 @@ impl Machine {
                     if let Err(e) = self.reset() {
                         return Outcome::Error(e);
                     }
+                    self.notify_reset(true, true);
                 }
                 VmEvent::Fatal(msg) => return Outcome::Error(msg),
                 VmEvent::Cancel => return Outcome::Cancelled,
@@ -1173,6 +1162,14 @@ impl Machine {
                     }
                 }
             }
+        }
+    }
+
+    /// Tells the life-cycle hook about a reset (`reboot`) or about the end of the VM that `--no-reboot`
+    /// makes of it.
+    fn notify_reset(&self, guest: bool, reboot: bool) {
+        if let Some(hook) = self.shared.lifecycle_hook.get() {
+            hook.reset(guest, reboot);
         }
     }
 
