@@ -454,6 +454,23 @@ async def panic(args, vm, action, params):
         assert await status(qmp) == "running"
         vm.wait_line(r"qmp_idle: crashed")
         vm.assert_runs()
+        # A reset of the stopped VM clears the Hyper-V state (crash parameters read 0) and leaves
+        # it in prelaunch; RESET is sent once the reset is done, as QEMU does.
+        await qmp.execute("stop")
+        await next_event(qmp, "STOP")
+        await qmp.execute("system_reset")
+        await next_event(qmp, "RESET")
+        assert await status(qmp) == "prelaunch"
+        hv = await qmp.execute("query-hyperv")
+        assert hv["crash"]["params"] == [0] * 5, hv
+        vm.assert_stopped()
+        await qmp.execute("cont")
+        await next_event(qmp, "RESUME")
+        vm.wait_line(r"qmp_idle: boot", 2)
+        # The guest panics again after the reboot.
+        event = await next_event(qmp, "GUEST_PANICKED")
+        assert event["data"]["info"] == info, event
+        await next_event(qmp, "STOP")
     else:
         assert await status(qmp) == "running"
         vm.wait_line(r"qmp_idle: crashed")
