@@ -345,7 +345,12 @@ pub(crate) struct VcpuShared {
     /// Pausers wait on this for the vCPU to park.
     pub parked_cv: Condvar,
     pub kicker: Kicker,
+    /// Work to run on the vCPU's own thread while it is parked ([`Paused::run_on_vcpu`]: migration).
+    pub parked_op: Mutex<Option<ParkedOp>>,
 }
+
+/// A closure run on a parked vCPU's thread with its vCPU fd.
+pub(crate) type ParkedOp = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 impl VcpuShared {
     pub fn lock(&self) -> MutexGuard<'_, VcpuState> {
@@ -503,6 +508,49 @@ impl Paused {
 
     /// Resumes the vCPUs (same as dropping).
     pub fn resume(self) {}
+
+    /// The machine's shared state (for [`crate::migration`]).
+    pub(crate) fn machine(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// Runs `f` with vCPU `i`'s fd on that vCPU's own thread, once it is parked, and returns the result. `None`
+    /// if `i` is not one of the paused vCPUs or its thread ended (or the machine stops) before running `f`.
+    /// Works before [`Machine::run`] too (with [`VmHandle::hold_all`]): `f` runs when the thread starts.
+    pub(crate) fn run_on_vcpu<R: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        use std::sync::mpsc::RecvTimeoutError;
+        if !self.which.contains(&i) {
+            return None;
+        }
+        let v = self.shared.vcpus.get(i)?;
+        let (tx, rx) = channel();
+        let op: ParkedOp = Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        });
+        *v.parked_op.lock().unwrap_or_else(|e| e.into_inner()) = Some(op);
+        {
+            // Notify under the state lock: the parked thread checks `parked_op` with it held.
+            let _st = v.lock();
+            v.wake.notify_all();
+        }
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(r) => return Some(r),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    let gone = v.lock().exited || self.shared.stopping();
+                    if gone {
+                        v.parked_op.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        return rx.try_recv().ok();
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Paused {
@@ -935,6 +983,7 @@ impl Machine {
                 wake: Condvar::new(),
                 parked_cv: Condvar::new(),
                 kicker: Kicker::default(),
+                parked_op: Mutex::new(None),
             })
             .collect();
 

@@ -374,6 +374,18 @@ impl Ctx {
                     st.parked = true;
                     me.parked_cv.notify_all();
                     while st.pause > 0 && !shared.stopping() {
+                        let op = me
+                            .parked_op
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take();
+                        if let Some(op) = op {
+                            // Migration work on this thread's fd (Paused::run_on_vcpu), still parked.
+                            drop(st);
+                            op(fd);
+                            st = me.lock();
+                            continue;
+                        }
                         st = me.wake.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                     st.parked = false;

@@ -2,3 +2,4 @@
 //! restore ([`vm`]). See `docs/migration.md`.
 
 pub mod format;
+pub mod vm;
