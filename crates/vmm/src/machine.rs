@@ -81,8 +81,10 @@ pub trait PortHook: Send + Sync {
     /// A port write; `regs` are the vCPU's general-purpose registers, which the hook may change (return true
     /// if it did).
     fn pio_write(&self, vcpu: usize, port: u16, data: &[u8], regs: &mut kvm_regs) -> bool;
-    /// A port write with the system registers too (processor mode, CPL) and the option to inject #UD. The
-    /// machine calls this one; the default forwards to [`PortHook::pio_write`].
+    /// A port write with the system registers too (processor mode, CPL) and the option to inject #UD. `xmm`
+    /// reads XMM0..5 (low 128 bits each) with `KVM_GET_XSAVE` when called (an extra ioctl: only when needed, e.g.
+    /// for Hyper-V XMM fast hypercall input); `None` if the read failed. The machine calls this one; the default
+    /// forwards to [`PortHook::pio_write`].
     fn pio_write_full(
         &self,
         vcpu: usize,
@@ -90,6 +92,7 @@ pub trait PortHook: Send + Sync {
         data: &[u8],
         regs: &mut kvm_regs,
         _sregs: &kvm_sregs,
+        _xmm: &mut dyn FnMut() -> Option<[u128; 6]>,
     ) -> PortResult {
         if self.pio_write(vcpu, port, data, regs) {
             PortResult::RegsChanged
@@ -643,11 +646,7 @@ impl VmHandle {
     /// Reports a guest panic (the Hyper-V crash path: `params` = CRASH_P0..P4). The life-cycle hook applies
     /// `action`; without one, `Pause` holds the vCPUs for good, `Shutdown` stops the machine and
     /// `ExitFailure` ends it with status 1. Call it with no machine lock held; safe on a vCPU thread.
-    pub fn guest_panicked(
-        &self,
-        params: Option<[u64; 5]>,
-        action: crate::lifecycle::PanicAction,
-    ) {
+    pub fn guest_panicked(&self, params: Option<[u64; 5]>, action: crate::lifecycle::PanicAction) {
         use crate::lifecycle::PanicAction;
         if let Some(hook) = self.shared.lifecycle_hook.get() {
             hook.guest_panicked(params, action);
@@ -937,9 +936,11 @@ impl Machine {
             })?;
         }
         let tsc_offset =
-            vcpu::probe_tsc_offset(&mut probe_fd, &mem, &[offset, 0]).map_err(|e| VmError::Setup {
-                what: "TSC probe",
-                err: e,
+            vcpu::probe_tsc_offset(&mut probe_fd, &mem, &[offset, 0]).map_err(|e| {
+                VmError::Setup {
+                    what: "TSC probe",
+                    err: e,
+                }
             })?;
         drop(probe_fd);
         // Guest TSC writes can be honoured only when the offset really applies (within 1 ms of slack).

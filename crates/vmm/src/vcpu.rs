@@ -74,6 +74,21 @@ fn inject_interrupt(fd: &VcpuFd, vector: u8) -> Result<(), kvm_ioctls::Error> {
     }
 }
 
+/// XMM0..5 (low 128 bits each) from `KVM_GET_XSAVE`: the legacy FXSAVE area keeps XMMn at byte 160 + 16n.
+fn read_xmm0_5(fd: &VcpuFd) -> Option<[u128; 6]> {
+    let xsave = fd.get_xsave().ok()?;
+    let mut out = [0u128; 6];
+    for (n, x) in out.iter_mut().enumerate() {
+        let w = 40 + 4 * n;
+        let words = xsave.region.get(w..w + 4)?;
+        *x = words
+            .iter()
+            .rev()
+            .fold(0u128, |acc, &d| (acc << 32) | u128::from(d));
+    }
+    Some(out)
+}
+
 /// Sets the BSP entry state for `entry`.
 pub(crate) fn enter(fd: &VcpuFd, entry: &BootEntry) -> Result<(), kvm_ioctls::Error> {
     let mut sregs = fd.get_sregs()?;
@@ -169,7 +184,8 @@ pub(crate) fn probe_tsc_offset(
                 let rel = |x: u64| x.wrapping_sub(b) as i64;
                 lower = lower.max(rel(guest.wrapping_sub(after)));
                 upper = upper.min(rel(up));
-                last_mid = Some(guest.wrapping_sub(before.wrapping_add(after.wrapping_sub(before) / 2)));
+                last_mid =
+                    Some(guest.wrapping_sub(before.wrapping_add(after.wrapping_sub(before) / 2)));
                 samples += 1;
             }
             other => return Err(format!("TSC probe: unexpected exit {other:?}")),
@@ -735,7 +751,12 @@ impl Ctx {
                     let sync = fd.sync_regs();
                     let mut regs: kvm_regs = sync.regs;
                     let sregs = sync.sregs;
-                    match hook.pio_write_full(index, port, &data, &mut regs, &sregs) {
+                    let result = {
+                        let fd_ref: &VcpuFd = fd;
+                        let mut xmm = || read_xmm0_5(fd_ref);
+                        hook.pio_write_full(index, port, &data, &mut regs, &sregs, &mut xmm)
+                    };
+                    match result {
                         PortResult::Unchanged => {}
                         PortResult::RegsChanged => {
                             // Handed back through the sync-regs area: KVM loads it on the next entry, no ioctl.

@@ -192,13 +192,14 @@ impl PortHook for HvPortHook {
         data: &[u8],
         regs: &mut kvm_regs,
         sregs: &kvm_sregs,
+        xmm: &mut dyn FnMut() -> Option<[u128; 6]>,
     ) -> PortResult {
         if !hyperv::hcpage::is_hypercall_port_exit(port, data.len(), true) {
             // A wider access to the private port: ignored like any unassigned port write.
             return PortResult::Unchanged;
         }
         let (mode, cpl) = cpu_mode(sregs, regs.rflags);
-        let hregs = HypercallRegs {
+        let mut hregs = HypercallRegs {
             mode,
             cpl,
             rax: regs.rax,
@@ -208,10 +209,12 @@ impl PortHook for HvPortHook {
             rsi: regs.rsi,
             rdi: regs.rdi,
             r8: regs.r8,
-            // XMM fast input would need KVM_GET_XSAVE; hv-xmm-input is not advertised by this glue yet and the
-            // engine answers such calls without it.
             xmm: None,
         };
+        // XMM fast input: one KVM_GET_XSAVE, only for the calls that use it.
+        if self.0.hypercall_needs_xmm(&hregs) {
+            hregs.xmm = xmm();
+        }
         match self.0.hypercall(VpId(vcpu as u32), &hregs) {
             HypercallOutcome::Complete(w) => {
                 regs.rax = w.rax;
