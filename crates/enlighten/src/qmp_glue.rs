@@ -176,6 +176,19 @@ impl VmControl {
         Ok(qmp::empty_return())
     }
 
+    /// SIGTERM/SIGINT/SIGHUP: SHUTDOWN with reason `host-signal`, then the machine ends (exit 0), as
+    /// in QEMU.
+    pub fn host_signal(&self) {
+        let mut st = lock(&self.state);
+        if !st.shutdown_reported {
+            self.send(Event::shutdown(ShutdownCause::HostSignal));
+            st.shutdown_reported = true;
+        }
+        st.run = RunState::Shutdown;
+        drop(st);
+        self.vm.stop();
+    }
+
     fn cpus(&self) -> Vec<CpuInfoFast> {
         let tids = vcpu_thread_ids();
         (0..self.vm.vcpu_count())
@@ -431,6 +444,8 @@ pub fn start(
             hyperv_report(&names, &leaves, &h.engine().save())
         }));
     }
+    let c = control.clone();
+    vmm::lifecycle::on_termination_signal(Box::new(move |_| c.host_signal()))?;
     let mut servers = Vec::new();
     for ep in &endpoints {
         let handler: Arc<dyn QmpHandler> = control.clone();

@@ -168,3 +168,15 @@ fn qmp_tcp() {
 fn qmp_wait_for_client() {
     scenario("wait");
 }
+
+/// SIGTERM: SHUTDOWN(host-signal), exit 0, socket removed.
+#[test]
+fn qmp_sigterm() {
+    scenario("sigterm");
+}
+
+/// SIGINT: SHUTDOWN(host-signal), exit 0, socket removed.
+#[test]
+fn qmp_sigint() {
+    scenario("sigint");
+}

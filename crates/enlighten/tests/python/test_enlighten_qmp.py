@@ -22,6 +22,7 @@ vCPUs run. Scenarios (each a few seconds):
   poweroff            the guest powers off: SHUTDOWN guest-shutdown; exit 0
   tcp                 -qmp tcp:127.0.0.1:PORT,server=on,wait=off: stop (STOP), quit
   wait                -qmp unix:PATH,server=on (wait): the guest starts only once a client connects
+  sigterm | sigint    the signal ends the VM with SHUTDOWN host-signal; exit 0, socket removed
 
 Exits 0 when every check passes; otherwise prints the failing check (and the VM's output).
 """
@@ -33,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -563,6 +565,16 @@ async def wait_on(args, vm):
     vm.wait_exit(0)
 
 
+async def host_signal(args, vm, sig):
+    qmp = await connect(vm)
+    vm.wait_line(r"qmp_idle: boot")
+    vm.proc.send_signal(sig)
+    shutdown = await next_event(qmp, "SHUTDOWN")
+    assert shutdown["data"] == {"guest": False, "reason": "host-signal"}, shutdown
+    await disconnect_after_end(qmp)
+    vm.wait_exit(0)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -592,13 +604,16 @@ def run_scenario(args, tmp):
         return (vm := Vm(args, [], tmp, "tcp")), tcp(args, vm)
     if s == "wait":
         return (vm := Vm(args, [], tmp, "wait")), wait_on(args, vm)
+    if s in ("sigterm", "sigint"):
+        sig = signal.SIGTERM if s == "sigterm" else signal.SIGINT
+        return (vm := Vm(args, [], tmp)), host_signal(args, vm, sig)
     if s == "poweroff":
         return (vm := Vm(args, ["-S", "-append", "poweroff=3"], tmp)), poweroff(args, vm)
     raise SystemExit(f"unknown scenario {s}")
 
 
 SCENARIOS = ["control", "abuse", "panic-shutdown", "panic-pause", "panic-none",
-             "panic-exit-failure", "guest-reset", "no-reboot-guest", "no-reboot-host", "poweroff", "tcp", "wait"]
+             "panic-exit-failure", "guest-reset", "no-reboot-guest", "no-reboot-host", "poweroff", "tcp", "wait", "sigterm", "sigint"]
 
 
 def main():
