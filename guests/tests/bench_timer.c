@@ -158,10 +158,13 @@ int main(void)
     u64 span_k = last_k - first_k;
     /* mean period in 100 ns units x1000 (integer arithmetic) */
     u64 mean_x1000 = span_k ? (last_t - first_t) * 1000 / span_k : 0;
+    /* mean interval between the ticks received, same units */
+    u64 recv_x1000 = ticks > 1 ? (last_t - first_t) * 1000 / (ticks - 1) : 0;
     printf("BENCH timer kind=%s cpus=%u ticks=%lu expected=%lu skipped=%lu period_100ns=%lu "
-           "mean_period_100ns_x1000=%lu p50_ns=%lu p99_ns=%lu max_ns=%lu early=%lu\n",
+           "mean_period_100ns_x1000=%lu mean_interval_100ns_x1000=%lu p50_ns=%lu p99_ns=%lu max_ns=%lu "
+           "early=%lu\n",
            use_stimer ? "stimer" : "apic", nr_cpus(), ticks, expected, expected - ticks, period_100ns,
-           mean_x1000, hist_pct(50), hist_pct(99), max_late_ns, early);
+           mean_x1000, recv_x1000, hist_pct(50), hist_pct(99), max_late_ns, early);
     report(ticks == end_count, "%lu ticks", ticks);
     return 0;
 }
