@@ -106,6 +106,24 @@ static bool flush_round(u64 control, u64 expect_result, u64 *result)
     return *result == expect_result && sh.seen == magic[cur];
 }
 
+#define STORM 100
+static volatile u32 storm_calls, storm_failures;
+
+/* STORM flushes of all processors from the calling vCPU, each with its own input page. */
+static void flush_storm(void *arg)
+{
+    (void)arg;
+    u64 *in = alloc_pages(1);
+    in[0] = 0;
+    in[1] = FLUSH_ALL_SPACES | FLUSH_ALL_PROCESSORS;
+    in[2] = 0;
+    for (u32 i = 0; i < STORM; i++) {
+        if (hv_hypercall(HVCALL_FLUSH_SPACE, (u64)in, 0) != 0)
+            atomic_inc(&storm_failures);
+        atomic_inc(&storm_calls);
+    }
+}
+
 static void write_input(const u64 *words, unsigned n)
 {
     for (unsigned i = 0; i < n; i++)
@@ -193,5 +211,22 @@ int main(void)
                ok, rounds, result, stale ? "" : " [unverified]");
     }
     sh.stop = 1;
+
+    /* Every vCPU flushes all the others at the same time: nobody may wait for a vCPU that waits for it. */
+    u32 n = nr_cpus();
+    for (u32 c = 1; c < n; c++)
+        on_cpu_async(c, flush_storm, NULL);
+    flush_storm(NULL);
+    t0 = rdtsc();
+    bool done = false;
+    while (!done && rdtsc() - t0 < 20 * PATIENCE) {
+        done = true;
+        for (u32 c = 1; c < n; c++)
+            done &= cpu_idle(c);
+        pause();
+    }
+    report(done && storm_failures == 0 && storm_calls == STORM * n,
+           "concurrent flushes: %u vCPUs flushing each other, %u calls, %u failures, no deadlock", n, storm_calls,
+           storm_failures);
     return 0;
 }

@@ -20,6 +20,7 @@ const FLUSH_LINES: &[&str] = &[
     "FlushVirtualAddressSpaceEx, format ALL",
     "FlushVirtualAddressListEx, sparse set {B}, GVA after the bank",
     "FlushVirtualAddressListEx, format ALL",
+    "concurrent flushes:",
 ];
 
 #[test]
