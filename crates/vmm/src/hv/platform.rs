@@ -201,7 +201,7 @@ impl VmmPlatform {
 
     /// The host address of the naturally aligned u64 at `gpa`.
     fn atomic_u64(&self, gpa: u64) -> Result<&AtomicU64, MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Misaligned { gpa });
         }
         let mem = self.handle.memory();
