@@ -267,7 +267,7 @@ static void micro(void)
         u64 nb = n < 1000 ? n : 1000;
         bad = run_user(user_tscpage_batches, nb);
         report(bad == 0, "TSC page reads valid and monotonic");
-        printf("BENCH tscpage_batch_cpl3 reads_per_batch=%u\n", TSC_BATCH);
+        printf("BENCH tscpage_batch_info reads_per_batch=%u\n", TSC_BATCH);
         report_samples("tscpage_batch_cpl3", nb);
     } else {
         report_skip("no reference TSC page");
