@@ -7,6 +7,7 @@
 mod cli;
 mod cpuid_cmd;
 mod host_cmd;
+mod migrate;
 mod qmp_glue;
 mod run;
 

@@ -31,6 +31,12 @@ pub const COMMANDS: &[&str] = &[
     "system_powerdown",
     "quit",
     "inject-nmi",
+    // crate::migrate::COMMANDS
+    "migrate",
+    "query-migrate",
+    "migrate_cancel",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
 ];
 
 struct State {
@@ -333,6 +339,7 @@ impl QmpHandler for VmControl {
             }
             // Acted on in after_reply, so that their events follow the reply, as in QEMU.
             "system_reset" | "system_powerdown" | "quit" => Ok(qmp::empty_return()),
+            c if crate::migrate::COMMANDS.contains(&c) => crate::migrate::qmp_command(c, _args),
             other => Err(QmpError::command_not_found(other)),
         }
     }

@@ -37,6 +37,7 @@ built-in demo guest. Options (QEMU spelling; two dashes also work):
   -S                      start with the vCPUs stopped until QMP 'cont' (status prelaunch)
   -name NAME | guest=NAME[,...]   the VM name (QMP query-name)
   -action panic=shutdown|pause|none|exit-failure[,...]   what a guest panic (Hyper-V CRASH_CTL) does
+  -incoming file:PATH|unix:PATH|tcp:HOST:PORT|exec:CMD   load a migration stream before running
 Accepted and ignored: -nodefaults, -display none, -machine/-M ...,accel=kvm, -enable-kvm,
   -device pc-testdev, -device pci-testdev, -global ...
 ";
@@ -68,6 +69,8 @@ pub struct RunOptions {
     pub no_reboot: bool,
     /// `-action panic=`.
     pub panic_action: vmm::lifecycle::PanicAction,
+    /// `-incoming URI` (docs/migration.md).
+    pub incoming: Option<String>,
     pub help: bool,
 }
 
@@ -91,6 +94,7 @@ impl Default for RunOptions {
             hyperv_testdev: false,
             no_reboot: false,
             panic_action: vmm::lifecycle::PanicAction::default(),
+            incoming: None,
             help: false,
         }
     }
@@ -151,7 +155,7 @@ pub fn parse_smp(spec: &str) -> Result<u32, String> {
 /// Options that take a value, by their single-dash name.
 const WITH_VALUE: &[&str] = &[
     "kernel", "append", "initrd", "smp", "m", "cpu", "serial", "device", "display", "machine", "M",
-    "global", "action",
+    "global", "action", "incoming",
 ];
 
 /// The options of the QMP integration (`docs/qmp.md`) that take a value.
@@ -270,6 +274,10 @@ pub fn parse_args(args: &[String]) -> Result<RunOptions, String> {
             "no-reboot" => o.no_reboot = true,
             "help" | "h" => o.help = true,
             "action" => parse_action(v, &mut o)?,
+            "incoming" => {
+                crate::migrate::parse_uri(v, true).map_err(|e| format!("-incoming {v}: {e}"))?;
+                o.incoming = Some(v.to_string());
+            }
             "qmp" | "S" | "monitor" => {
                 return Err(format!("option '{arg}' is not supported yet"));
             }
@@ -364,6 +372,8 @@ fn boot(o: &RunOptions) -> Result<Outcome, String> {
         link.attach(hv.engine());
     }
     let qmp = crate::qmp_glue::start(o, &machine, &cpuid, hv.as_ref())?;
+    // tsc-frequency= check, migration blockers, QMP migrate, -incoming (docs/migration.md).
+    crate::migrate::prepare(o, &machine, &cpuid, hv.as_ref())?;
     let outcome = machine.run(fds);
     if let Some(qmp) = qmp {
         qmp.shutdown();

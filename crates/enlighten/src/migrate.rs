@@ -1,0 +1,492 @@
+//! Migration commands with QEMU's semantics over the `vmm::migration` stream (`docs/migration.md`):
+//! QMP `migrate` / `query-migrate` / `migrate_cancel` / `migrate-set-parameters` / `query-migrate-parameters`,
+//! and `-incoming URI` on the destination. Transports: `file:PATH`, `unix:PATH`, `tcp:HOST:PORT`, `exec:CMD`.
+//!
+//! The source stops every vCPU through the rendezvous, writes the stream, and on a socket waits for the
+//! destination's verdict (one status byte, then a message on failure). On success it stays paused
+//! (QEMU's `postmigrate`); on any failure it resumes.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use qmp::QmpError;
+use serde_json::{json, Map, Value};
+use vmm::hv::HvGlue;
+use vmm::migration::format::ConfigSection;
+use vmm::migration::vm::{self as mvm, MigrationError};
+use vmm::{Paused, VmHandle};
+
+/// The QMP commands this module implements.
+pub const COMMANDS: &[&str] = &[
+    "migrate",
+    "query-migrate",
+    "migrate_cancel",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+];
+
+/// Destination verdict bytes on socket transports.
+const ACK_OK: u8 = 1;
+const ACK_FAIL: u8 = 0;
+
+/// A migration URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    File(String),
+    Unix(String),
+    Tcp(String),
+    Exec(String),
+    /// `-incoming defer` (then `migrate-incoming`).
+    Defer,
+}
+
+/// Parses a migration URI (QEMU's spelling); `defer` only for `-incoming`.
+pub fn parse_uri(s: &str, incoming: bool) -> Result<Uri, String> {
+    let nonempty = |v: &str, what: &str| {
+        if v.is_empty() {
+            Err(format!("invalid migration URI '{s}': {what} is empty"))
+        } else {
+            Ok(v.to_string())
+        }
+    };
+    if let Some(p) = s.strip_prefix("file:") {
+        return Ok(Uri::File(nonempty(p, "the path")?));
+    }
+    if let Some(p) = s.strip_prefix("unix:") {
+        return Ok(Uri::Unix(nonempty(p, "the path")?));
+    }
+    if let Some(a) = s.strip_prefix("tcp:") {
+        let a = nonempty(a, "the address")?;
+        if a.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+            return Err(format!("invalid migration URI '{s}': expected tcp:HOST:PORT"));
+        }
+        return Ok(Uri::Tcp(a));
+    }
+    if let Some(c) = s.strip_prefix("exec:") {
+        return Ok(Uri::Exec(nonempty(c, "the command")?));
+    }
+    if incoming && s == "defer" {
+        return Ok(Uri::Defer);
+    }
+    Err(format!("unknown migration protocol: {s}"))
+}
+
+#[derive(Debug, Clone, Default)]
+struct Info {
+    status: &'static str,
+    start: Option<Instant>,
+    total_ms: u64,
+    downtime_ms: u64,
+    transferred: u64,
+    pages: u64,
+    zero_pages: u64,
+    error: Option<String>,
+}
+
+/// Migration state of one VM.
+pub struct MigrationControl {
+    vm: VmHandle,
+    hv: Option<Arc<HvGlue>>,
+    config: ConfigSection,
+    blockers: Vec<&'static str>,
+    info: Mutex<Info>,
+    /// vCPUs held after a completed outgoing migration (QEMU's `postmigrate`).
+    held: Mutex<Option<Paused>>,
+    params: Mutex<(u64, u64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+static CONTROL: OnceLock<Arc<MigrationControl>> = OnceLock::new();
+
+/// Installs the process's migration control (once, from `run`).
+pub fn install(control: Arc<MigrationControl>) {
+    let _ = CONTROL.set(control);
+}
+
+/// Handles one of [`COMMANDS`] (called by the QMP glue).
+pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let Some(c) = CONTROL.get() else {
+        return Err(QmpError::generic("migration is not available for this VM"));
+    };
+    match command {
+        "migrate" => {
+            let uri = args
+                .get("uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
+            c.start_outgoing(uri).map_err(QmpError::generic)?;
+            Ok(json!({}))
+        }
+        "query-migrate" => Ok(c.query()),
+        "migrate_cancel" => Ok(json!({})),
+        "migrate-set-parameters" => {
+            let mut p = lock(&c.params);
+            if let Some(v) = args.get("downtime-limit").and_then(Value::as_u64) {
+                p.0 = v;
+            }
+            if let Some(v) = args.get("max-bandwidth").and_then(Value::as_u64) {
+                p.1 = v;
+            }
+            Ok(json!({}))
+        }
+        "query-migrate-parameters" => {
+            let p = lock(&c.params);
+            Ok(json!({"downtime-limit": p.0, "max-bandwidth": p.1}))
+        }
+        other => Err(QmpError::command_not_found(other)),
+    }
+}
+
+impl MigrationControl {
+    /// The control for a VM: its config section and QEMU's migration blockers.
+    pub fn new(
+        vm: VmHandle,
+        hv: Option<Arc<HvGlue>>,
+        config: ConfigSection,
+        blockers: Vec<&'static str>,
+    ) -> Arc<MigrationControl> {
+        Arc::new(MigrationControl {
+            vm,
+            hv,
+            config,
+            blockers,
+            info: Mutex::new(Info {
+                status: "none",
+                ..Info::default()
+            }),
+            held: Mutex::new(None),
+            // QEMU's defaults: 300 ms downtime limit, 32 MiB/s.
+            params: Mutex::new((300, 32 << 20)),
+        })
+    }
+
+    fn query(&self) -> Value {
+        let i = lock(&self.info);
+        if i.status == "none" {
+            return json!({});
+        }
+        let mut v = json!({
+            "status": i.status,
+            "total-time": i.start.map_or(i.total_ms, |s| s.elapsed().as_millis() as u64),
+            "ram": {
+                "transferred": i.transferred,
+                "remaining": 0,
+                "total": self.config.ram_size,
+                "duplicate": i.zero_pages,
+                "normal": i.pages,
+                "normal-bytes": i.pages * 4096,
+                "dirty-sync-count": 1,
+            },
+        });
+        if i.status == "completed" {
+            v["downtime"] = json!(i.downtime_ms);
+            v["total-time"] = json!(i.total_ms);
+        }
+        if let Some(e) = &i.error {
+            v["error-desc"] = json!(e);
+        }
+        v
+    }
+
+    /// QMP `migrate`: refuses with the first blocker's text, otherwise starts the migration thread.
+    pub fn start_outgoing(self: &Arc<Self>, uri: &str) -> Result<(), String> {
+        if let Some(b) = self.blockers.first() {
+            return Err((*b).to_string());
+        }
+        let uri = parse_uri(uri, false)?;
+        {
+            let mut i = lock(&self.info);
+            if matches!(i.status, "setup" | "active") {
+                return Err("There's a migration process in progress".to_string());
+            }
+            *i = Info {
+                status: "active",
+                start: Some(Instant::now()),
+                ..Info::default()
+            };
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || me.run_outgoing(uri))
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok(())
+    }
+
+    fn run_outgoing(&self, uri: Uri) {
+        let t0 = Instant::now();
+        let paused = self.vm.pause_all();
+        let r = self.send(&uri, &paused);
+        let mut i = lock(&self.info);
+        i.total_ms = t0.elapsed().as_millis() as u64;
+        i.downtime_ms = i.total_ms;
+        i.start = None;
+        match r {
+            Ok(stats) => {
+                i.status = "completed";
+                i.transferred = stats.bytes;
+                i.pages = stats.pages;
+                i.zero_pages = stats.zero_pages;
+                // The source stays stopped (QEMU's postmigrate).
+                *lock(&self.held) = Some(paused);
+            }
+            Err(e) => {
+                eprintln!("error: migration failed: {e}");
+                i.status = "failed";
+                i.error = Some(e);
+                drop(paused);
+            }
+        }
+    }
+
+    fn send(&self, uri: &Uri, paused: &Paused) -> Result<mvm::Stats, String> {
+        let hv = self.hv.as_deref();
+        let save = |w: Box<dyn Write>| -> Result<mvm::Stats, String> {
+            let mut progress = |_: u64, _: u64| {};
+            mvm::save(paused, hv, &self.config, BufWriter::new(w), &mut progress)
+                .map(|(_, s)| s)
+                .map_err(|e| e.to_string())
+        };
+        match uri {
+            Uri::File(p) => {
+                let f = std::fs::File::create(p).map_err(|e| format!("cannot create '{p}': {e}"))?;
+                let stats = save(Box::new(f))?;
+                Ok(stats)
+            }
+            Uri::Exec(cmd) => {
+                let mut child = std::process::Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot run '{cmd}': {e}"))?;
+                let stdin = child
+                    .stdin
+                    .take()
+                    .ok_or_else(|| format!("no stdin for '{cmd}'"))?;
+                let stats = save(Box::new(stdin))?;
+                let status = child.wait().map_err(|e| format!("'{cmd}': {e}"))?;
+                if !status.success() {
+                    return Err(format!("'{cmd}' failed: {status}"));
+                }
+                Ok(stats)
+            }
+            Uri::Unix(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p)
+                    .map_err(|e| format!("Failed to connect to '{p}': {e}"))?;
+                let r = s.try_clone().map_err(|e| e.to_string())?;
+                let stats = save(Box::new(s))?;
+                wait_verdict(r)?;
+                Ok(stats)
+            }
+            Uri::Tcp(a) => {
+                let s = std::net::TcpStream::connect(a)
+                    .map_err(|e| format!("Failed to connect to '{a}': {e}"))?;
+                let r = s.try_clone().map_err(|e| e.to_string())?;
+                let stats = save(Box::new(s))?;
+                wait_verdict(r)?;
+                Ok(stats)
+            }
+            Uri::Defer => Err("'defer' is not an outgoing migration URI".to_string()),
+        }
+    }
+
+    /// `-incoming`: loads the stream into this (held, not yet running) VM, then releases `held`. On a socket,
+    /// tells the source the verdict.
+    pub fn run_incoming(&self, uri: &Uri, held: &Paused) -> Result<mvm::Stats, String> {
+        let hv = self.hv.as_deref();
+        let load = |r: Box<dyn Read>| -> Result<mvm::Stats, MigrationError> {
+            let mut progress = |_: u64, _: u64| {};
+            mvm::restore(held, hv, &self.config, BufReader::new(r), &mut progress)
+        };
+        let verdict = |mut w: Box<dyn Write>, r: &Result<mvm::Stats, MigrationError>| {
+            let msg = match r {
+                Ok(_) => vec![ACK_OK],
+                Err(e) => {
+                    let mut m = vec![ACK_FAIL];
+                    m.extend_from_slice(e.to_string().as_bytes());
+                    m
+                }
+            };
+            let _ = w.write_all(&msg);
+            let _ = w.flush();
+        };
+        match uri {
+            Uri::File(p) => {
+                let f = std::fs::File::open(p).map_err(|e| format!("cannot open '{p}': {e}"))?;
+                load(Box::new(f)).map_err(|e| e.to_string())
+            }
+            Uri::Exec(cmd) => {
+                let mut child = std::process::Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot run '{cmd}': {e}"))?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| format!("no stdout for '{cmd}'"))?;
+                let r = load(Box::new(out)).map_err(|e| e.to_string());
+                let _ = child.wait();
+                r
+            }
+            Uri::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = std::os::unix::net::UnixListener::bind(p)
+                    .map_err(|e| format!("cannot listen on '{p}': {e}"))?;
+                let (s, _) = l.accept().map_err(|e| format!("accept on '{p}': {e}"))?;
+                let w = s.try_clone().map_err(|e| e.to_string())?;
+                let r = load(Box::new(s));
+                verdict(Box::new(w), &r);
+                r.map_err(|e| e.to_string())
+            }
+            Uri::Tcp(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .map_err(|e| format!("cannot listen on '{a}': {e}"))?;
+                let (s, _) = l.accept().map_err(|e| format!("accept on '{a}': {e}"))?;
+                let w = s.try_clone().map_err(|e| e.to_string())?;
+                let r = load(Box::new(s));
+                verdict(Box::new(w), &r);
+                r.map_err(|e| e.to_string())
+            }
+            Uri::Defer => Err("-incoming defer (migrate-incoming) is not supported yet".to_string()),
+        }
+    }
+}
+
+/// Called by `run` after the machine, the engine and QMP exist and before the vCPUs run: checks
+/// `tsc-frequency=` against KVM_GET_TSC_KHZ (QEMU's rule without TSC scaling), installs the migration control
+/// with QEMU's blockers, and with `-incoming` holds the vCPUs and loads the stream on a thread; a failed load
+/// ends the process with status 1, as QEMU's does.
+pub fn prepare(
+    o: &crate::run::RunOptions,
+    machine: &vmm::Machine,
+    cpuid: &[hyperv::cpuid::CpuidEntry],
+    hv: Option<&Arc<HvGlue>>,
+) -> Result<(), String> {
+    let cfg = hyperv::config::CpuConfig::parse(&o.cpu).map_err(|e| e.to_string())?;
+    let user_khz = cfg.tsc_frequency.map(|hz| hz / 1000);
+    check_tsc_frequency(user_khz, machine.tsc_khz())?;
+    let config = mvm::config_section(
+        o.ram_size,
+        o.smp,
+        cpuid,
+        machine.tsc_khz(),
+        user_khz.and_then(|k| u32::try_from(k).ok()),
+    );
+    let control = MigrationControl::new(
+        machine.handle(),
+        hv.cloned(),
+        config,
+        cfg.migration_blockers(),
+    );
+    install(control.clone());
+    let Some(spec) = &o.incoming else {
+        return Ok(());
+    };
+    let uri = parse_uri(spec, true).map_err(|e| format!("-incoming {spec}: {e}"))?;
+    let handle = machine.handle();
+    let held = handle.hold_all();
+    std::thread::Builder::new()
+        .name("incoming".into())
+        .spawn(move || match control.run_incoming(&uri, &held) {
+            Ok(stats) => {
+                tracing::info!(?stats, "incoming migration loaded");
+                drop(held);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                eprintln!("error: load of migration failed");
+                handle.request_exit(1);
+                std::mem::forget(held);
+            }
+        })
+        .map_err(|e| format!("cannot start the incoming migration thread: {e}"))?;
+    Ok(())
+}
+
+/// Reads the destination's verdict.
+fn wait_verdict(mut r: impl Read) -> Result<(), String> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)
+        .map_err(|e| format!("the destination did not confirm the migration: {e}"))?;
+    if b[0] == ACK_OK {
+        return Ok(());
+    }
+    let mut msg = Vec::new();
+    let _ = r.take(4096).read_to_end(&mut msg);
+    Err(format!(
+        "the destination refused the migration: {}",
+        String::from_utf8_lossy(&msg)
+    ))
+}
+
+/// QEMU's check when `tsc-frequency=` is given and TSC scaling (`KVM_CAP_TSC_CONTROL`) is unavailable: the
+/// requested frequency must equal KVM_GET_TSC_KHZ. `KVM_SET_TSC_KHZ` is never called.
+pub fn check_tsc_frequency(user_khz: Option<u64>, host_khz: u32) -> Result<(), String> {
+    match user_khz {
+        Some(k) if k != u64::from(host_khz) => Err(format!(
+            "TSC frequency mismatch between VM ({k} kHz) and host ({host_khz} kHz), and TSC scaling unavailable"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let cases: &[(&str, bool, Result<Uri, &str>)] = &[
+            ("file:/tmp/x", false, Ok(Uri::File("/tmp/x".into()))),
+            ("unix:/tmp/s", false, Ok(Uri::Unix("/tmp/s".into()))),
+            ("tcp:127.0.0.1:4444", true, Ok(Uri::Tcp("127.0.0.1:4444".into()))),
+            ("tcp:[::1]:4444", false, Ok(Uri::Tcp("[::1]:4444".into()))),
+            ("exec:cat > /tmp/x", false, Ok(Uri::Exec("cat > /tmp/x".into()))),
+            ("defer", true, Ok(Uri::Defer)),
+            ("defer", false, Err("unknown migration protocol: defer")),
+            ("tcp:host", false, Err("expected tcp:HOST:PORT")),
+            ("tcp:host:99999", false, Err("expected tcp:HOST:PORT")),
+            ("file:", false, Err("the path is empty")),
+            ("rdma:x", false, Err("unknown migration protocol: rdma:x")),
+        ];
+        for (s, incoming, expected) in cases {
+            let got = parse_uri(s, *incoming);
+            match expected {
+                Ok(u) => assert_eq!(got.as_ref(), Ok(u), "{s}"),
+                Err(frag) => {
+                    let e = got.expect_err(s);
+                    assert!(e.contains(frag), "{s}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tsc_frequency_rule() {
+        assert!(check_tsc_frequency(None, 2_000_000).is_ok());
+        assert!(check_tsc_frequency(Some(2_000_000), 2_000_000).is_ok());
+        assert_eq!(
+            check_tsc_frequency(Some(1_000_000), 2_000_000).unwrap_err(),
+            "TSC frequency mismatch between VM (1000000 kHz) and host (2000000 kHz), and TSC scaling \
+             unavailable"
+        );
+    }
+
+    #[test]
+    fn verdicts() {
+        assert!(wait_verdict(&[ACK_OK][..]).is_ok());
+        let mut fail = vec![ACK_FAIL];
+        fail.extend_from_slice(b"Guest enabled re-enlightenment notifications");
+        assert!(wait_verdict(&fail[..])
+            .unwrap_err()
+            .contains("refused the migration: Guest enabled re-enlightenment"));
+        assert!(wait_verdict(&[][..]).unwrap_err().contains("did not confirm"));
+    }
+}
