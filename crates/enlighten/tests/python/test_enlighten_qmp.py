@@ -137,8 +137,10 @@ class Vm:
         self.wait_line(r"qmp_idle: tick", before + 2)
 
     def assert_stopped(self, seconds=0.6):
-        """No guest output for a while."""
-        before = len(self.lines)
+        """No guest output for a while (after letting output already on its way arrive)."""
+        time.sleep(0.2)
+        with self.lock:
+            before = len(self.lines)
         time.sleep(seconds)
         with self.lock:
             new = self.lines[before:]
