@@ -26,6 +26,26 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate-parameters",
 ];
 
+/// The argument specs of [`COMMANDS`] (QEMU's names; `detach`, `blk`, `inc` and `resume` are accepted and
+/// ignored as in QEMU's deprecated forms).
+pub fn command_specs() -> Vec<qmp::CommandSpec> {
+    use qmp::{ArgType, CommandSpec};
+    vec![
+        CommandSpec::new("migrate")
+            .arg("uri", ArgType::Str)
+            .optional_arg("detach", ArgType::Bool)
+            .optional_arg("blk", ArgType::Bool)
+            .optional_arg("inc", ArgType::Bool)
+            .optional_arg("resume", ArgType::Bool),
+        CommandSpec::new("query-migrate"),
+        CommandSpec::new("migrate_cancel"),
+        CommandSpec::new("migrate-set-parameters")
+            .optional_arg("downtime-limit", ArgType::Uint)
+            .optional_arg("max-bandwidth", ArgType::Uint),
+        CommandSpec::new("query-migrate-parameters"),
+    ]
+}
+
 /// Destination verdict bytes on socket transports.
 const ACK_OK: u8 = 1;
 const ACK_FAIL: u8 = 0;

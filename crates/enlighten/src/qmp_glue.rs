@@ -310,7 +310,12 @@ fn vcpu_thread_ids() -> std::collections::HashMap<usize, i64> {
 
 impl QmpHandler for VmControl {
     fn commands(&self) -> Vec<CommandSpec> {
-        COMMANDS.iter().map(|c| CommandSpec::new(*c)).collect()
+        COMMANDS
+            .iter()
+            .filter(|c| !crate::migrate::COMMANDS.contains(c))
+            .map(|c| CommandSpec::new(*c))
+            .chain(crate::migrate::command_specs())
+            .collect()
     }
 
     fn execute(&self, command: &str, _args: &Map<String, Value>) -> Result<Value, QmpError> {
