@@ -293,16 +293,20 @@ mod tests {
 
     #[test]
     fn modes_from_sregs() {
-        let mut long = kvm_sregs::default();
-        long.cr0 = 0x8000_0011;
-        long.efer = 0x500;
+        let mut long = kvm_sregs {
+            cr0: 0x8000_0011,
+            efer: 0x500,
+            ..Default::default()
+        };
         long.cs.l = 1;
         let mut user = long;
         user.ss.dpl = 3;
         let mut compat = long;
         compat.cs.l = 0;
-        let mut prot = kvm_sregs::default();
-        prot.cr0 = 0x11;
+        let prot = kvm_sregs {
+            cr0: 0x11,
+            ..Default::default()
+        };
         let real = kvm_sregs::default();
         let cases = [
             (long, 2u64, CpuMode::Long64, 0u8),
