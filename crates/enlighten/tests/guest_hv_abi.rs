@@ -53,7 +53,9 @@ fn assert_reference_time_passed(o: &Outcome, cpus: u32) {
     let mut lines = vec!["the TSC page is valid".to_string()];
     for cpu in 0..cpus {
         lines.push(format!("CPU {cpu}: reference time never stepped back (0"));
-        lines.push(format!("CPU {cpu}: page <= TIME_REF_COUNT <= page in every round (0 errors"));
+        lines.push(format!(
+            "CPU {cpu}: page <= TIME_REF_COUNT <= page in every round (0 errors"
+        ));
         lines.push(format!("CPU {cpu}: the sequence was never 0 or 0xFFFFFFFF"));
     }
     lines.push("reference time ran at 10 MHz against the TSC".to_string());
