@@ -517,13 +517,22 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
-/// CRC-32 over a canonical encoding of a CPUID table (sorted by leaf and subleaf).
+/// CRC-32 over a canonical encoding of a CPUID table (sorted by leaf and subleaf). The fields that name the
+/// host CPU the table was read on (initial APIC IDs: 1.EBX[31:24], 0xB/0x1F.EDX, 0x8000001E.EAX) are left out:
+/// they differ between two processes on one host and the per-vCPU patches replace them anyway.
 pub fn cpuid_digest(entries: &[hyperv::cpuid::CpuidEntry]) -> u32 {
     let mut sorted: Vec<_> = entries.iter().collect();
     sorted.sort_by_key(|e| (e.function, e.index));
     let mut crc = 0;
     for e in sorted {
-        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+        let (mut eax, mut ebx, mut edx) = (e.eax, e.ebx, e.edx);
+        match e.function {
+            1 => ebx &= 0x00FF_FFFF,
+            0xB | 0x1F => edx = 0,
+            0x8000_001E => eax = 0,
+            _ => {}
+        }
+        for v in [e.function, e.index, e.flags, eax, ebx, e.ecx, edx] {
             crc = crc32_update(crc, &v.to_le_bytes());
         }
     }

@@ -273,6 +273,15 @@ fn cpuid_digest_is_order_independent_and_sensitive() {
     let c = CpuidEntry::leaf(0x4000_0003, 0x2FE, 0, 0, 8);
     assert_ne!(cpuid_digest(&[a, b]), cpuid_digest(&[a, c]));
     assert_eq!(hv_features(&[a, b]), [0x2FF, 0, 8, 0]);
+    // The host CPU's APIC ID does not count.
+    let mut a2 = a;
+    a2.ebx ^= 0x0500_0000;
+    assert_eq!(cpuid_digest(&[a, b]), cpuid_digest(&[a2, b]));
+    a2.ebx ^= 1;
+    assert_ne!(cpuid_digest(&[a, b]), cpuid_digest(&[a2, b]));
+    let x2 = CpuidEntry::leaf(0xB, 1, 2, 0, 7);
+    let x2b = CpuidEntry::leaf(0xB, 1, 2, 0, 3);
+    assert_eq!(cpuid_digest(&[x2]), cpuid_digest(&[x2b]));
 }
 
 proptest! {

@@ -1,0 +1,341 @@
+//! Snapshot/restore and migration under real KVM (`docs/migration.md`): a 2-vCPU guest that checks
+//! reference time continuously (`guests/tests/hv_reftime.c`: TSC page at CPL 3 and TIME_REF_COUNT, no backwards
+//! step, page ≤ MSR ≤ page, 10 MHz against the TSC) is migrated mid-run with QMP `migrate` to a second
+//! enlighten process, which finishes it. Also: the refusals (corrupt, truncated, version, config mismatch),
+//! QEMU's blocker and `tsc-frequency=` rules.
+
+mod guest_common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use guest_common::{assert_passed_with, kernel, qemu_style_args, run_raw, Outcome};
+use serde_json::{json, Value};
+
+const CPU: &str = "host,hv-relaxed,hv-vpindex,hv-time,hv-frequencies";
+/// About 5 s of guest run time on this host: the migration happens in the middle.
+const ROUNDS: &str = "rounds=3000";
+
+/// Sources run outside `run_raw`'s lock; keep them one at a time as well (2 host cores, timing checks).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("enlighten-migr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir.join(name)
+}
+
+fn guest_args(cpu: &str, extra: &[&str]) -> Vec<String> {
+    let mut e = vec!["-cpu", cpu];
+    e.extend_from_slice(extra);
+    qemu_style_args(kernel("hv_reftime"), 2, Some(ROUNDS), &e)
+}
+
+/// A QMP client over a Unix socket (JSON lines).
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &PathBuf) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        };
+        let greeting = q.line();
+        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
+        let r = q.cmd("qmp_capabilities", json!({}));
+        assert!(r.get("return").is_some(), "{r}");
+        q
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
+    }
+
+    /// Sends a command and returns its `return` or `error` reply (events are skipped).
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        writeln!(self.writer, "{msg}").expect("QMP write");
+        loop {
+            let v = self.line();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
+
+    /// `migrate` then polls `query-migrate` until it ends; returns the final query reply.
+    fn migrate(&mut self, uri: &str) -> Value {
+        let r = self.cmd("migrate", json!({ "uri": uri }));
+        assert!(r.get("return").is_some(), "migrate {uri}: {r}");
+        let start = Instant::now();
+        loop {
+            let q = self.cmd("query-migrate", json!({}));
+            let status = q["return"]["status"].as_str().unwrap_or("").to_string();
+            if status == "completed" || status == "failed" {
+                return q["return"].clone();
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "migration hangs: {q}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A running source with a QMP socket.
+struct Source {
+    child: Child,
+    qmp: Qmp,
+}
+
+impl Source {
+    fn start(cpu: &str, tag: &str) -> Source {
+        let sock = scratch(&format!("{tag}.qmp"));
+        let _ = std::fs::remove_file(&sock);
+        let spec = format!("unix:{},server=on,wait=off", sock.display());
+        let args = guest_args(cpu, &["-qmp", &spec]);
+        let child = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the source");
+        let qmp = Qmp::connect(&sock);
+        Source { child, qmp }
+    }
+
+    /// Kills the source and returns its output.
+    fn finish(mut self, kill: bool) -> (Option<i32>, String, String) {
+        if kill {
+            let _ = self.child.kill();
+        }
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s.code();
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, out, err)
+    }
+}
+
+fn expected_lines() -> Vec<String> {
+    let mut lines = Vec::new();
+    for cpu in 0..2 {
+        lines.push(format!("CPU {cpu} ran 3000 rounds"));
+        lines.push(format!("CPU {cpu}: reference time never stepped back (0"));
+        lines.push(format!(
+            "CPU {cpu}: page <= TIME_REF_COUNT <= page in every round (0 errors"
+        ));
+    }
+    lines.push("reference time ran at 10 MHz against the TSC".to_string());
+    lines
+}
+
+fn assert_guest_finished(o: &Outcome) {
+    let lines = expected_lines();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    assert_passed_with(o, &refs);
+}
+
+/// Runs a source for a moment, saves it to a file with QMP `migrate`, kills it; returns the file.
+fn snapshot(tag: &str) -> PathBuf {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let file = scratch(&format!("{tag}.snap"));
+    let mut src = Source::start(CPU, tag);
+    std::thread::sleep(Duration::from_millis(1200));
+    let q = src.qmp.migrate(&format!("file:{}", file.display()));
+    assert_eq!(q["status"], "completed", "{q}");
+    assert!(q["ram"]["duplicate"].as_u64().unwrap_or(0) > 0, "zero pages elided: {q}");
+    let (_, out, _) = src.finish(true);
+    assert!(
+        !out.contains("SUMMARY:"),
+        "the source finished before it was saved; the test saves too late:\n{out}"
+    );
+    file
+}
+
+fn restore(file: &PathBuf, extra: &[&str]) -> Outcome {
+    let spec = format!("file:{}", file.display());
+    let mut e = vec!["-incoming", spec.as_str()];
+    e.extend_from_slice(extra);
+    let mut args = guest_args(CPU, &[]);
+    args.extend(e.iter().map(|s| s.to_string()));
+    run_raw(&args)
+}
+
+#[test]
+fn file_snapshot_restored_in_a_second_process_finishes_and_passes() {
+    let file = snapshot("file");
+    let o = restore(&file, &[]);
+    assert_guest_finished(&o);
+}
+
+#[test]
+fn live_migration_over_a_unix_socket() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = scratch("live.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let mut dst_args = guest_args(CPU, &[]);
+    dst_args.push("-incoming".into());
+    dst_args.push(spec.clone());
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut src = Source::start(CPU, "live");
+    // Wait for the destination's listener.
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let q = src.qmp.migrate(&spec);
+    assert_eq!(q["status"], "completed", "{q}");
+    let (_, out, _) = src.finish(true);
+    assert!(!out.contains("SUMMARY:"), "source finished too early:\n{out}");
+    let o = dst.join().expect("destination thread");
+    assert_guest_finished(&o);
+}
+
+#[test]
+fn damaged_and_mismatched_streams_are_refused_with_clear_errors() {
+    let file = snapshot("refuse");
+    let good = std::fs::read(&file).expect("read snapshot");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = scratch(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    };
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x40;
+    let mut version = good.clone();
+    version[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let cases: Vec<(&str, PathBuf, Vec<&str>, &str)> = vec![
+        (
+            "corrupt",
+            write("corrupt.snap", &corrupt),
+            vec![],
+            "corrupted migration stream: checksum mismatch",
+        ),
+        (
+            "truncated",
+            write("trunc.snap", &good[..good.len() / 3]),
+            vec![],
+            "truncated migration stream",
+        ),
+        (
+            "version",
+            write("version.snap", &version),
+            vec![],
+            "migration stream format version 99 is not supported",
+        ),
+        (
+            "ram",
+            file.clone(),
+            vec!["-m", "256"],
+            "RAM size: the stream has 134217728 bytes (128 MiB), this VM has 268435456 bytes (256 MiB)",
+        ),
+        (
+            "vcpus",
+            file.clone(),
+            vec!["-smp", "3"],
+            "vCPU count: the stream has 2, this VM has 3",
+        ),
+        (
+            "enlightenments",
+            file.clone(),
+            vec!["-cpu", "host,hv-relaxed,hv-vpindex,hv-time"],
+            "Hyper-V features",
+        ),
+        (
+            "not a stream",
+            write("garbage.snap", b"hello world, not a stream"),
+            vec![],
+            "not an enlighten migration stream",
+        ),
+    ];
+    for (what, path, extra, fragment) in cases {
+        let o = restore(&path, &extra);
+        assert_eq!(o.status, Some(1), "{what}: exit status\n{}", o.describe());
+        assert!(
+            o.stderr.contains(fragment) && o.stderr.contains("load of migration failed"),
+            "{what}: expected {fragment:?}\n{}",
+            o.describe()
+        );
+        assert!(!o.stderr.contains("panicked"), "{what}: panic\n{}", o.describe());
+        assert!(o.passes().is_empty(), "{what}: the guest ran\n{}", o.describe());
+    }
+}
+
+#[test]
+fn hv_passthrough_blocks_migrate_and_the_source_continues() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = Source::start("host,hv-passthrough", "blocked");
+    let r = src.qmp.cmd(
+        "migrate",
+        json!({"uri": format!("file:{}", scratch("blocked.snap").display())}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "'hv-passthrough' CPU flag prevents migration, use explicit set of hv-* flags instead",
+        "{r}"
+    );
+    assert_eq!(r["error"]["class"], "GenericError");
+    let (status, out, err) = src.finish(false);
+    assert_eq!(status, Some(1), "the source finishes its guest\n{out}\n{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("SUMMARY:") && l.contains(" 0 failures")),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
+fn tsc_frequency_other_than_the_hosts_is_refused_at_creation() {
+    let o = run_raw(&qemu_style_args(
+        kernel("hv_reftime"),
+        1,
+        None,
+        &["-cpu", "host,tsc-frequency=1000000"],
+    ));
+    assert_eq!(o.status, Some(1), "{}", o.describe());
+    assert!(
+        o.stderr.contains("TSC frequency mismatch between VM (1000 kHz) and host (")
+            && o.stderr.contains("kHz), and TSC scaling unavailable"),
+        "{}",
+        o.describe()
+    );
+}
