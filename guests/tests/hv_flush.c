@@ -130,6 +130,54 @@ static void write_input(const u64 *words, unsigned n)
         input[i] = words[i];
 }
 
+/* bench=K mode=hv|apic|none: K "flush all other vCPUs" operations, each complete before the next: one
+ * FlushVirtualAddressSpaceEx with format ALL (hv) or, as a guest without the enlightenment does it, a fixed IPI
+ * to every other vCPU whose handler reloads CR3 and acknowledges, waited for (apic); none is the baseline. */
+#define FLUSH_VEC 0xE1
+static volatile u32 acks[256];
+
+static void flush_ipi_handler(struct regs *r)
+{
+    (void)r;
+    u64 cr3;
+    asm volatile("mov %%cr3, %0" : "=r"(cr3));
+    asm volatile("mov %0, %%cr3" ::"r"(cr3) : "memory");
+    atomic_inc(&acks[smp_id()]);
+    apic_eoi();
+}
+
+static void bench(u64 k)
+{
+    u32 n = nr_cpus();
+    bool hv = arg_is("mode", "hv"), apic = arg_is("mode", "apic");
+    const char *mode = hv ? "hv" : apic ? "apic" : "none";
+    set_irq_handler(FLUSH_VEC, flush_ipi_handler);
+    input[0] = 0;
+    input[1] = FLUSH_ALL_SPACES;
+    input[2] = VP_SET_ALL;
+    input[3] = 0;
+    bool ok = n <= 256;
+    u64 t0 = rdtsc();
+    for (u64 it = 1; it <= k && ok; it++) {
+        if (hv) {
+            ok = hv_hypercall(HVCALL_FLUSH_SPACE_EX, (u64)input, 0) == 0;
+        } else if (apic) {
+            for (u32 j = 1; j < n; j++)
+                apic_send_ipi(j, FLUSH_VEC);
+            u64 w0 = rdtsc();
+            for (u32 j = 1; j < n && ok; j++)
+                while (acks[j] < it && ok) {
+                    if (rdtsc() - w0 > PATIENCE)
+                        ok = false;
+                    pause();
+                }
+        }
+    }
+    u64 ticks = rdtsc() - t0;
+    printf("BENCH flush-all mode=%s vcpus=%u operations=%lu ticks_per_operation=%lu\n", mode, n, k, ticks / k);
+    report(ok, "benchmark %s: %lu flushes of %u other vCPUs completed", mode, k, n - 1);
+}
+
 int main(void)
 {
     smp_init();
@@ -139,6 +187,12 @@ int main(void)
     }
     if (!hv_identified() || !hv_enable_hypercalls()) {
         report(false, "Hyper-V hypercalls are available");
+        return 0;
+    }
+    input = alloc_pages(1);
+    u64 bench_ops = arg_u64("bench", 0);
+    if (bench_ops) {
+        bench(bench_ops);
         return 0;
     }
     u64 rounds = arg_u64("rounds", 10);
@@ -152,7 +206,6 @@ int main(void)
     page[1] = pages + 512;
     page[0][0] = MAGIC0;
     page[1][0] = MAGIC1;
-    input = alloc_pages(1);
     pte = pte_4k(TEST_VA);
     cur = 0;
     *pte = (u64)page[0] | PTE_P | PTE_RW | PTE_US;
