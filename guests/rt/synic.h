@@ -139,20 +139,35 @@ static inline void synic_mask_all(void)
 static inline void stimer_config(unsigned t, u64 config) { wrmsr(HV_MSR_STIMER0_CONFIG + 2 * t, config); }
 static inline void stimer_count(unsigned t, u64 count) { wrmsr(HV_MSR_STIMER0_COUNT + 2 * t, count); }
 
-/* Waits with interrupts enabled (sti; hlt) until *flag reaches `want` or `ref_timeout` (100 ns) of reference time
- * passed; returns whether it did. An APIC timer or other interrupt must wake the CPU in time; callers keep the
- * waits short or have a periodic source running. */
+/* Waits with interrupts enabled until *flag reaches `want` or `tsc_timeout` TSC ticks passed; returns whether it
+ * did. Interrupts stay enabled for the whole wait and are disabled again on return. Each iteration makes one
+ * exit (a read of port 0x80): this host's KVM emulates ring 0 and does not report the interrupt window opening
+ * (after `sti` or `iret`) until the next exit, so an interrupt that became pending while IF was 0 would otherwise
+ * wait for some unrelated exit. */
 static inline bool wait_count(volatile u32 *flag, u32 want, u64 tsc_timeout)
 {
     u64 end = rdtsc() + tsc_timeout;
+    bool ok = true;
+    sti();
     while (*flag < want) {
-        if (rdtsc() > end)
-            return false;
-        sti();
-        pause();
-        cli();
+        if (rdtsc() > end) {
+            ok = false;
+            break;
+        }
+        (void)inb(0x80);
     }
-    return true;
+    cli();
+    return ok;
+}
+
+/* Spends `tsc_ticks` with interrupts enabled (exiting now and then, as wait_count does), then disables them. */
+static inline void idle_for(u64 tsc_ticks)
+{
+    u64 end = rdtsc() + tsc_ticks;
+    sti();
+    while (rdtsc() < end)
+        (void)inb(0x80);
+    cli();
 }
 
 #endif

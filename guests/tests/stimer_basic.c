@@ -27,15 +27,7 @@ static volatile u64 direct_time[64];
 
 static u64 ms(u64 n) { return tsc_hz / 1000 * n; }
 
-static void quiet(u64 n_ms)
-{
-    u64 end = rdtsc() + ms(n_ms);
-    while (rdtsc() < end) {
-        sti();
-        pause();
-        cli();
-    }
-}
+static void quiet(u64 n_ms) { idle_for(ms(n_ms)); }
 
 /* Message-mode handler: record the payload, free the slot, EOM if something waits, EOI. */
 static void timer_handler(struct regs *r)
@@ -180,9 +172,10 @@ static void test_periodic(u64 tenths)
     report_info("periodic 1 ms over %lu.%lu s: %u messages, last k %lu, %lu periods skipped", tenths / 10,
                 tenths % 10, n, prev_k, skipped);
     u64 elapsed = (stopped - start) / PERIOD;
-    report(prev_k <= elapsed && elapsed - prev_k <= 2,
-           "periodic 1 ms: the last message is for period %lu of %lu elapsed (no tick lost at the end)", prev_k,
-           elapsed);
+    /* The last message may only lag the end by what deliveries lagged anyway (a loaded host delays them). */
+    u64 slack = max_late / PERIOD + 2;
+    report(prev_k <= elapsed && elapsed - prev_k <= slack,
+           "periodic 1 ms: the last message is for period %lu of %lu elapsed (slack %lu)", prev_k, elapsed, slack);
 }
 
 static void test_direct(void)

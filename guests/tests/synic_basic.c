@@ -19,6 +19,7 @@ static struct hv_message *simp[2];
 static u8 *siefp[2];
 
 static volatile u32 sint_count[256];
+static volatile u32 sint_total;
 static volatile u32 isr_wrong[256];
 static volatile u32 msg_irq[2];
 static volatile u32 msg2_irq;
@@ -26,21 +27,14 @@ static volatile u32 evt_irq;
 
 static u64 ms(u64 n) { return tsc_hz / 1000 * n; }
 
-static void quiet(u64 n_ms)
-{
-    u64 end = rdtsc() + ms(n_ms);
-    while (rdtsc() < end) {
-        sti();
-        pause();
-        cli();
-    }
-}
+static void quiet(u64 n_ms) { idle_for(ms(n_ms)); }
 
 static void sint_handler(struct regs *r)
 {
     u8 v = (u8)r->vector;
     bool auto_eoi = ((v - VEC_BASE) & 1) == 0;
     sint_count[v]++;
+    sint_total++;
     /* auto-EOI: never in the ISR when accepted; normal: in the ISR until our EOI. */
     if (apic_vector_set(APIC_ISR, v) == auto_eoi)
         isr_wrong[v]++;
@@ -111,7 +105,10 @@ static void test_all_sints(void)
         cli();
         for (unsigned i = 0; i < 16; i++)
             hvt_cmd(HVT_SINT_ROUTE_SET_SINT, 0, i, 0);
-        quiet(5);
+        /* All 16 are pending at once; wait until they are all taken before the next round (the IRR would
+         * merge a second request of a vector still pending). */
+        wait_count(&sint_total, 16 * (round + 1), ms(1000));
+        quiet(2);
     }
     bool ok = true;
     for (unsigned i = 0; i < 16; i++) {
