@@ -297,7 +297,27 @@ fn parse_action(spec: &str, o: &mut RunOptions) -> Result<(), String> {
             .ok_or_else(|| format!("invalid -action '{spec}': expected KEY=VALUE"))?;
         match k {
             "panic" => o.panic_action = vmm::lifecycle::PanicAction::parse(v)?,
-            "reboot" | "shutdown" | "watchdog" => {}
+            // QEMU: reboot=shutdown is --no-reboot (a reset ends the VM with a SHUTDOWN event).
+            "reboot" => match v {
+                "reset" => {}
+                "shutdown" => o.no_reboot = true,
+                _ => return Err(format!("Parameter 'reboot' does not accept value '{v}'")),
+            },
+            "shutdown" => {
+                match v {
+                    "poweroff" => {}
+                    "pause" => return Err(
+                        "-action shutdown=pause is not supported (the VM always ends on shutdown)"
+                            .to_string(),
+                    ),
+                    _ => return Err(format!("Parameter 'shutdown' does not accept value '{v}'")),
+                }
+            }
+            // There is no watchdog device: QEMU's values are accepted and never used.
+            "watchdog" => match v {
+                "reset" | "shutdown" | "poweroff" | "pause" | "debug" | "none" | "inject-nmi" => {}
+                _ => return Err(format!("Parameter 'watchdog' does not accept value '{v}'")),
+            },
             _ => return Err(format!("invalid -action '{spec}': unknown action '{k}'")),
         }
     }
@@ -511,6 +531,16 @@ mod tests {
             ),
             (&["-qmp", "stdio"], Err("-qmp stdio: ")),
             (&["-S"], Ok(())),
+            (&["-action", "reboot=shutdown,panic=pause"], Ok(())),
+            (&["-action", "shutdown=poweroff,watchdog=none"], Ok(())),
+            (
+                &["-action", "shutdown=pause"],
+                Err("-action shutdown=pause is not supported"),
+            ),
+            (
+                &["-action", "reboot=maybe"],
+                Err("Parameter 'reboot' does not accept value 'maybe'"),
+            ),
             (&["-name", "win"], Ok(())),
             (&["-name", "guest=win,debug-threads=on"], Ok(())),
             (
@@ -549,6 +579,12 @@ mod tests {
         ]))
         .unwrap();
         assert!(o.prelaunch);
+        assert!(!o.no_reboot);
+        assert!(
+            parse_args(&v(&["-action", "reboot=shutdown"]))
+                .unwrap()
+                .no_reboot
+        );
         assert_eq!(o.name.as_deref(), Some("vm1"));
         let eps = o.qmp_endpoints().unwrap();
         assert_eq!(eps.len(), 2);
