@@ -67,6 +67,17 @@ pub struct VmmPlatform {
     sint_ack: Mutex<Option<SintAckListener>>,
 }
 
+/// The page frame numbers `[gpa, gpa + len)` touches (capped at 2^20 pages; the engine writes a few at once).
+fn dirty_pfns(gpa: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    if len == 0 {
+        #[allow(clippy::reversed_empty_ranges)]
+        return 1..=0;
+    }
+    let first = gpa >> PAGE_SHIFT;
+    let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
+    first..=last.min(first.saturating_add(1 << 20))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -258,16 +269,8 @@ impl Platform for VmmPlatform {
     }
 
     fn mark_dirty(&self, gpa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = gpa >> PAGE_SHIFT;
-        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         let mut d = lock(&self.dirty);
-        // The engine writes at most a few pages at once; cap the loop anyway.
-        for pfn in first..=last.min(first.saturating_add(1 << 20)) {
-            d.insert(pfn);
-        }
+        d.extend(dirty_pfns(gpa, len));
     }
 
     fn is_ram(&self, gpa: u64, len: u64) -> bool {
@@ -292,6 +295,40 @@ impl Platform for VmmPlatform {
             vp.index(),
             gpa.map(|g| g + tlfs::pages::VP_ASSIST_APIC_ASSIST_OFFSET),
         );
+    }
+
+    fn apic_access(&self, vp: VpId, msr: u32, access: hyperv::ApicAccess) -> Result<u64, hyperv::Gp> {
+        // hv-vapic EOI/ICR/TPR (called with no engine lock held): the userspace APIC's Hyper-V MSR entry points,
+        // with the effects a vCPU exit would apply (IPI routing, EOI hook → SynIC acknowledgement).
+        let hv_msr = match msr {
+            hyperv::vapic::X2APIC_EOI => crate::apic::HV_MSR_EOI,
+            hyperv::vapic::X2APIC_ICR => crate::apic::HV_MSR_ICR,
+            hyperv::vapic::X2APIC_TPR => crate::apic::HV_MSR_TPR,
+            _ => return Err(hyperv::Gp),
+        };
+        let i = vp.index();
+        match access {
+            hyperv::ApicAccess::Read => self
+                .handle
+                .with_apic(i, |a| a.hv_vapic_msr_read(hv_msr))
+                .ok_or(hyperv::Gp)?
+                .map_err(|_| hyperv::Gp),
+            hyperv::ApicAccess::Write(v) => {
+                let fx = self
+                    .handle
+                    .with_apic(i, |a| a.hv_vapic_msr_write(hv_msr, v))
+                    .ok_or(hyperv::Gp)?
+                    .map_err(|_| hyperv::Gp)?;
+                let shared = self.handle.shared();
+                if let Some(ipi) = fx.ipi {
+                    shared.route_ipi(&ipi);
+                }
+                if let (Some(eoi), Some(hook)) = (fx.eoi, shared.eoi_hook.get()) {
+                    hook.eoi(i, eoi);
+                }
+                Ok(0)
+            }
+        }
     }
 
     fn sint_acked(&self, vp: VpId, sints: u16) {
@@ -385,5 +422,177 @@ impl Platform for VmmPlatform {
             }
             other => tracing::debug!(?other, "unhandled Hyper-V event"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::{BootEntry, EntryMode};
+    use crate::layout::MemoryLayout;
+    use crate::machine::{BootLoader, IoDevices, Machine, VmConfig};
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn dirty_page_ranges() {
+        let cases: &[(u64, u64, &[u64])] = &[
+            (0x1000, 0, &[]),
+            (0x1000, 1, &[1]),
+            (0x1FFF, 1, &[1]),
+            (0x1FFF, 2, &[1, 2]),
+            (0x2000, 0x1000, &[2]),
+            (0x2000, 0x1001, &[2, 3]),
+            (0x3008, 24, &[3]),
+            (u64::MAX - 10, 100, &[u64::MAX >> PAGE_SHIFT]),
+        ];
+        for &(gpa, len, want) in cases {
+            let got: Vec<u64> = dirty_pfns(gpa, len).collect();
+            assert_eq!(got, want, "{gpa:#x}+{len:#x}");
+        }
+        assert_eq!(dirty_pfns(0, u64::MAX).count(), (1 << 20) + 1);
+    }
+
+    struct NoKernel;
+    impl BootLoader for NoKernel {
+        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
+            Ok(BootEntry {
+                mode: EntryMode::Protected32,
+                entry: 0x10_0000,
+                mbi: 0,
+            })
+        }
+    }
+    struct NoDevices;
+    impl IoDevices for NoDevices {
+        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
+            data.fill(0xFF);
+        }
+        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
+            IoAction::None
+        }
+    }
+
+    /// A real (never started) KVM machine with 2 vCPUs and 16 MiB of RAM, or `None` without /dev/kvm.
+    fn platform() -> Option<(Machine, VmmPlatform)> {
+        let cfg = VmConfig {
+            ram_size: 16 << 20,
+            vcpus: 2,
+            ..VmConfig::default()
+        };
+        let (m, _fds) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)).ok()?;
+        let p = VmmPlatform::new(m.handle(), PanicAction::None, true);
+        Some((m, p))
+    }
+
+    #[test]
+    fn guest_memory_and_atomics_on_a_kvm_machine() {
+        let Some((_m, p)) = platform() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let ram_end = 16u64 << 20;
+        // (gpa, len, is RAM)
+        let ranges: &[(u64, u64, bool)] = &[
+            (0, 8, true),
+            (ram_end - 8, 8, true),
+            (ram_end - 4, 8, false),
+            (ram_end, 1, false),
+            (0xFEE0_0000, 4, false),
+            (u64::MAX - 3, 8, false),
+            (0x1000, 0, true),
+        ];
+        for &(gpa, len, ram) in ranges {
+            assert_eq!(p.is_ram(gpa, len), ram, "{gpa:#x}+{len}");
+            let mut buf = vec![0u8; len as usize];
+            assert_eq!(
+                p.read_gpa(gpa, &mut buf).is_ok(),
+                ram,
+                "read {gpa:#x}+{len}"
+            );
+            assert_eq!(p.write_gpa(gpa, &buf).is_ok(), ram, "write {gpa:#x}+{len}");
+        }
+        p.write_gpa(0x5000, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let mut b = [0u8; 8];
+        p.read_gpa(0x5000, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            p.fetch_or_u64(0x5000, 1 << 63).unwrap(),
+            0x0807_0605_0403_0201
+        );
+        assert_eq!(
+            p.compare_exchange_u64(0x5000, 0, 5).unwrap(),
+            0x8807_0605_0403_0201,
+            "a failed exchange returns the current value"
+        );
+        assert_eq!(
+            p.compare_exchange_u64(0x5000, 0x8807_0605_0403_0201, 5)
+                .unwrap(),
+            0x8807_0605_0403_0201
+        );
+        p.read_gpa(0x5000, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 5);
+        assert_eq!(
+            p.fetch_or_u64(0x5004, 1),
+            Err(MemError::Misaligned { gpa: 0x5004 })
+        );
+        assert!(matches!(
+            p.fetch_or_u64(ram_end, 1),
+            Err(MemError::NotRam { .. })
+        ));
+        // Dirty set: pages the engine wrote, in order, taken once.
+        p.mark_dirty(0x5000, 8);
+        p.mark_dirty(0x3FFF, 2);
+        assert_eq!(p.take_dirty_pages(), vec![3, 4, 5]);
+        assert!(p.take_dirty_pages().is_empty());
+    }
+
+    #[test]
+    fn time_sources_on_a_kvm_machine() {
+        let Some((m, p)) = platform() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        assert_eq!(p.tsc_frequency_hz(), u64::from(m.tsc_khz()) * 1000);
+        let a = p.guest_tsc(VpId(0));
+        let b = p.guest_tsc(VpId(1));
+        let c = p.guest_tsc(VpId(0));
+        assert!(a <= b && b <= c, "{a} {b} {c}");
+        // No vCPU thread registered yet: no CPU time; this thread's clock after registering.
+        assert_eq!(p.vp_runtime_ns(VpId(0)), 0);
+        p.register_vcpu_thread(0);
+        let t0 = p.vp_runtime_ns(VpId(0));
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(p.vp_runtime_ns(VpId(0)) > t0);
+        assert_eq!(p.vp_runtime_ns(VpId(7)), 0, "unknown VP");
+    }
+
+    #[test]
+    fn interrupts_and_work_queue_on_a_kvm_machine() {
+        let Some((m, p)) = platform() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let h = m.handle();
+        p.deliver_interrupt(VpId(1), 0x51, true);
+        p.deliver_interrupt(VpId(1), 0x52, false);
+        // The auto-EOI flag of each delivery is recorded in the target's APIC.
+        let state = h.with_apic(1, |a| (a.is_auto_eoi(0x51), a.is_auto_eoi(0x52)));
+        assert_eq!(state, Some((true, false)));
+        assert!(!p.has_work(0));
+        p.queue_timer(VpId(0), TimerId(2));
+        p.queue_timer(VpId(0), TimerId(2));
+        assert!(p.has_work(0) && !p.has_work(1));
+        assert_eq!(
+            p.take_work(0),
+            vec![Work::Timer(TimerId(2))],
+            "duplicates merged"
+        );
+        assert!(!p.has_work(0));
+        p.queue_timer(VpId(9), TimerId(0));
+        assert!(p.take_work(9).is_empty(), "unknown VP ignored");
     }
 }
