@@ -80,3 +80,20 @@ fn qemu_style_hv_passthrough_smp2_reference_clock() {
     let o = run_guest("hv_reftime", 2, None, &["-cpu", "host,hv_passthrough"]);
     assert_reference_time_passed(&o, 2);
 }
+
+#[test]
+fn hypercall_32bit_convention_from_protected_mode() {
+    // `hv_hypercall32` is a standalone Multiboot kernel that stays in 32-bit protected mode.
+    for cpu in ["host,hv-relaxed", "host,hv-relaxed,hv-vpindex,hv-time"] {
+        let o = run_guest("hv_hypercall32", 1, None, &["-cpu", cpu]);
+        assert_passed_with(
+            &o,
+            &[
+                "32-bit unknown code: EDX:EAX = 2, EBX/ECX/ESI/EDI/EBP/ESP preserved",
+                "32-bit reserved control bit 44 (EDX bit 12): status 3",
+                "32-bit input GPA from EBX:ECX: in RAM -> 3 (no SynIC), above 4 GiB -> 4",
+                "32-bit NotifyLongSpinWait: status 0",
+            ],
+        );
+    }
+}
