@@ -32,6 +32,22 @@
 //!                                 --no-reboot); the machine calls VcpuHook::vm_reset → Engine::reset
 //! ```
 //!
+//! # Behaviour worth knowing (deliberate)
+//!
+//! - **Crash output.** QEMU logs `Guest crashed` and `HV crash parameters: (...)` only with `-d guest_errors`;
+//!   enlighten always prints them on a guest panic, each line prefixed with `warning: ` so that harnesses that
+//!   accept only warnings on stderr keep working. The parameters use QEMU's `%#lx` formatting.
+//! - **#UD from the hypercall page** (real mode, CPL > 0, XMM input refused under hv-enforce-cpuid): KVM has
+//!   already moved RIP past the `out` when the exit reaches the VMM, so the #UD is reported at the page's `ret`
+//!   (offset 2) rather than at the hypercall instruction. Guests do not recover from this #UD anyway.
+//! - **XMM fast input** is read with one `KVM_GET_XSAVE`, only for the calls whose fast form takes XMM input.
+//! - **Guest TSC** is computed in userspace from the host TSC and the offset the machine measured at start (this
+//!   KVM ignores TSC offsets; the probe brackets the guest's RDTSC between host reads and prefers the exact
+//!   candidate offset inside the bracket), so TIME_REF_COUNT and the TSC page agree to within the exit latency:
+//!   page <= MSR <= page holds on every vCPU (guest test `hv_reftime`).
+//! - **Reset.** Reference time keeps running across a guest reset (as KVM's clock does); the engine's Hyper-V
+//!   state is cleared and the reference clock re-based at its current value.
+//!
 //! Platform methods never call back into the engine (the engine may hold its locks while it calls them); the
 //! follow-up engine calls are made later from the vCPU's thread (work queue), from the timer thread, or from the
 //! machine's reset path.
