@@ -149,6 +149,9 @@ pub mod stats {
     pub static ENGINE_WRITES: AtomicU64 = AtomicU64::new(0);
     pub static MESSAGES_POSTED: AtomicU64 = AtomicU64::new(0);
     pub static RESETS: AtomicU64 = AtomicU64::new(0);
+    pub static FLUSHES: AtomicU64 = AtomicU64::new(0);
+    /// `deliver_interrupt_set` called with VPs not in ascending order (a reported engine finding).
+    pub static IPI_SET_UNSORTED: AtomicU64 = AtomicU64::new(0);
 
     pub(crate) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +159,7 @@ pub mod stats {
 
     /// A snapshot, by name.
     pub fn snapshot() -> Vec<(&'static str, u64)> {
-        let all: [(&'static str, &AtomicU64); 10] = [
+        let all: [(&'static str, &AtomicU64); 12] = [
             ("msr_writes_ok", &MSR_WRITES_OK),
             ("msr_reads_ok", &MSR_READS_OK),
             ("hypercalls_hv", &HYPERCALLS_HV),
@@ -167,6 +170,8 @@ pub mod stats {
             ("engine_writes", &ENGINE_WRITES),
             ("messages_posted", &MESSAGES_POSTED),
             ("resets", &RESETS),
+            ("flushes", &FLUSHES),
+            ("ipi_set_unsorted", &IPI_SET_UNSORTED),
         ];
         all.iter()
             .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
@@ -1115,6 +1120,9 @@ impl Harness {
         for _ in &log.interrupts {
             stats::bump(&stats::INTERRUPTS);
         }
+        for _ in &log.flushes {
+            stats::bump(&stats::FLUSHES);
+        }
         for _ in log.accesses.iter().filter(|a| a.mutated) {
             stats::bump(&stats::ENGINE_WRITES);
         }
@@ -1472,6 +1480,7 @@ mod tests {
             (Focus::Msr, "msr_writes_ok"),
             (Focus::Hypercall, "hypercall_success"),
             (Focus::Hypercall, "handler_calls"),
+            (Focus::Hypercall, "flushes"),
             (Focus::SynicStimer, "timer_expiries"),
             (Focus::SynicStimer, "messages_posted"),
             (Focus::SynicStimer, "interrupts"),

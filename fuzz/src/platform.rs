@@ -82,6 +82,12 @@ pub struct FuzzPlatform {
     apic_ok: bool,
 }
 
+/// Whether known, reported findings should crash (`ENLIGHTEN_FUZZ_STRICT=1`) instead of being counted.
+pub fn strict() -> bool {
+    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRICT.get_or_init(|| std::env::var_os("ENLIGHTEN_FUZZ_STRICT").is_some_and(|v| v == "1"))
+}
+
 /// `[gpa, gpa + len)` as an index range of the RAM vector, if it is entirely RAM.
 pub fn ram_range(gpa: u64, len: u64) -> Option<std::ops::Range<usize>> {
     let end = gpa.checked_add(len)?;
@@ -305,6 +311,25 @@ impl Platform for FuzzPlatform {
         inner.log.interrupts.push((vp, vector, auto_eoi));
     }
 
+    fn deliver_interrupt_set(&self, vps: &[VpId], vector: u8) {
+        // The contract: distinct VPs in ascending order; a cluster IPI vector is 16..=255 (KVM refuses others).
+        assert!(vector >= 16, "IPI with vector {vector}");
+        assert!(!vps.is_empty(), "IPI to an empty set");
+        let mut sorted = vps.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), vps.len(), "IPI set with duplicates: {vps:?}");
+        if sorted != vps {
+            // Known engine finding (reported): with VP indexes not in vCPU order the set comes in VP-index order.
+            // Counted instead of asserted until the engine sorts it; `ENLIGHTEN_FUZZ_STRICT=1` makes it a crash.
+            crate::engine::stats::bump(&crate::engine::stats::IPI_SET_UNSORTED);
+            assert!(!strict(), "IPI set not in ascending order: {vps:?}");
+        }
+        for &vp in vps {
+            self.deliver_interrupt(vp, vector, false);
+        }
+    }
+
     fn apic_access(&self, vp: VpId, msr: u32, access: ApicAccess) -> Result<u64, Gp> {
         self.check_vp("apic_access", vp);
         assert!(
@@ -382,6 +407,12 @@ impl Platform for FuzzPlatform {
 
     fn flush_remote_tlb(&self, caller: VpId, targets: &[VpId]) {
         self.check_vp("flush_remote_tlb (caller)", caller);
+        assert!(
+            targets.len() <= self.vps,
+            "flush of {} targets with {} VPs",
+            targets.len(),
+            self.vps
+        );
         for &t in targets {
             self.check_vp("flush_remote_tlb (target)", t);
         }
