@@ -78,8 +78,12 @@ pub fn parse_uri(s: &str, incoming: bool) -> Result<Uri, String> {
     }
     if let Some(a) = s.strip_prefix("tcp:") {
         let a = nonempty(a, "the address")?;
-        if a.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
-            return Err(format!("invalid migration URI '{s}': expected tcp:HOST:PORT"));
+        if a.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "invalid migration URI '{s}': expected tcp:HOST:PORT"
+            ));
         }
         return Ok(Uri::Tcp(a));
     }
@@ -273,7 +277,8 @@ impl MigrationControl {
         };
         match uri {
             Uri::File(p) => {
-                let f = std::fs::File::create(p).map_err(|e| format!("cannot create '{p}': {e}"))?;
+                let f =
+                    std::fs::File::create(p).map_err(|e| format!("cannot create '{p}': {e}"))?;
                 let stats = save(Box::new(f))?;
                 Ok(stats)
             }
@@ -374,7 +379,9 @@ impl MigrationControl {
                 verdict(Box::new(w), &r);
                 r.map_err(|e| e.to_string())
             }
-            Uri::Defer => Err("-incoming defer (migrate-incoming) is not supported yet".to_string()),
+            Uri::Defer => {
+                Err("-incoming defer (migrate-incoming) is not supported yet".to_string())
+            }
         }
     }
 }
@@ -466,9 +473,17 @@ mod tests {
         let cases: &[(&str, bool, Result<Uri, &str>)] = &[
             ("file:/tmp/x", false, Ok(Uri::File("/tmp/x".into()))),
             ("unix:/tmp/s", false, Ok(Uri::Unix("/tmp/s".into()))),
-            ("tcp:127.0.0.1:4444", true, Ok(Uri::Tcp("127.0.0.1:4444".into()))),
+            (
+                "tcp:127.0.0.1:4444",
+                true,
+                Ok(Uri::Tcp("127.0.0.1:4444".into())),
+            ),
             ("tcp:[::1]:4444", false, Ok(Uri::Tcp("[::1]:4444".into()))),
-            ("exec:cat > /tmp/x", false, Ok(Uri::Exec("cat > /tmp/x".into()))),
+            (
+                "exec:cat > /tmp/x",
+                false,
+                Ok(Uri::Exec("cat > /tmp/x".into())),
+            ),
             ("defer", true, Ok(Uri::Defer)),
             ("defer", false, Err("unknown migration protocol: defer")),
             ("tcp:host", false, Err("expected tcp:HOST:PORT")),
@@ -507,6 +522,8 @@ mod tests {
         assert!(wait_verdict(&fail[..])
             .unwrap_err()
             .contains("refused the migration: Guest enabled re-enlightenment"));
-        assert!(wait_verdict(&[][..]).unwrap_err().contains("did not confirm"));
+        assert!(wait_verdict(&[][..])
+            .unwrap_err()
+            .contains("did not confirm"));
     }
 }

@@ -42,7 +42,7 @@ struct Qmp {
 }
 
 impl Qmp {
-    fn connect(path: &PathBuf) -> Qmp {
+    fn connect(path: &std::path::Path) -> Qmp {
         let start = Instant::now();
         let s = loop {
             match UnixStream::connect(path) {
@@ -54,7 +54,8 @@ impl Qmp {
                 Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
             }
         };
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         let mut q = Qmp {
             reader: BufReader::new(s.try_clone().expect("clone")),
             writer: s,
@@ -95,7 +96,10 @@ impl Qmp {
             if status == "completed" || status == "failed" {
                 return q["return"].clone();
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "migration hangs: {q}");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "migration hangs: {q}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -179,7 +183,10 @@ fn snapshot(tag: &str) -> PathBuf {
     std::thread::sleep(Duration::from_millis(1200));
     let q = src.qmp.migrate(&format!("file:{}", file.display()));
     assert_eq!(q["status"], "completed", "{q}");
-    assert!(q["ram"]["duplicate"].as_u64().unwrap_or(0) > 0, "zero pages elided: {q}");
+    assert!(
+        q["ram"]["duplicate"].as_u64().unwrap_or(0) > 0,
+        "zero pages elided: {q}"
+    );
     let (_, out, _) = src.finish(true);
     assert!(
         !out.contains("SUMMARY:"),
@@ -188,7 +195,7 @@ fn snapshot(tag: &str) -> PathBuf {
     file
 }
 
-fn restore(file: &PathBuf, extra: &[&str]) -> Outcome {
+fn restore(file: &std::path::Path, extra: &[&str]) -> Outcome {
     let spec = format!("file:{}", file.display());
     let mut e = vec!["-incoming", spec.as_str()];
     e.extend_from_slice(extra);
@@ -224,7 +231,10 @@ fn live_migration_over_a_unix_socket() {
     let q = src.qmp.migrate(&spec);
     assert_eq!(q["status"], "completed", "{q}");
     let (_, out, _) = src.finish(true);
-    assert!(!out.contains("SUMMARY:"), "source finished too early:\n{out}");
+    assert!(
+        !out.contains("SUMMARY:"),
+        "source finished too early:\n{out}"
+    );
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
@@ -295,8 +305,16 @@ fn damaged_and_mismatched_streams_are_refused_with_clear_errors() {
             "{what}: expected {fragment:?}\n{}",
             o.describe()
         );
-        assert!(!o.stderr.contains("panicked"), "{what}: panic\n{}", o.describe());
-        assert!(o.passes().is_empty(), "{what}: the guest ran\n{}", o.describe());
+        assert!(
+            !o.stderr.contains("panicked"),
+            "{what}: panic\n{}",
+            o.describe()
+        );
+        assert!(
+            o.passes().is_empty(),
+            "{what}: the guest ran\n{}",
+            o.describe()
+        );
     }
 }
 
@@ -315,7 +333,11 @@ fn hv_passthrough_blocks_migrate_and_the_source_continues() {
     );
     assert_eq!(r["error"]["class"], "GenericError");
     let (status, out, err) = src.finish(false);
-    assert_eq!(status, Some(1), "the source finishes its guest\n{out}\n{err}");
+    assert_eq!(
+        status,
+        Some(1),
+        "the source finishes its guest\n{out}\n{err}"
+    );
     assert!(
         out.lines()
             .any(|l| l.starts_with("SUMMARY:") && l.contains(" 0 failures")),
@@ -333,7 +355,8 @@ fn tsc_frequency_other_than_the_hosts_is_refused_at_creation() {
     ));
     assert_eq!(o.status, Some(1), "{}", o.describe());
     assert!(
-        o.stderr.contains("TSC frequency mismatch between VM (1000 kHz) and host (")
+        o.stderr
+            .contains("TSC frequency mismatch between VM (1000 kHz) and host (")
             && o.stderr.contains("kHz), and TSC scaling unavailable"),
         "{}",
         o.describe()

@@ -299,13 +299,16 @@ impl Section {
     /// Decodes a JSON payload.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, StreamError> {
         serde_json::from_slice(&self.payload).map_err(|e| {
-            StreamError::Corrupt(format!("the {} section does not decode: {e}", self.kind.name()))
+            StreamError::Corrupt(format!(
+                "the {} section does not decode: {e}",
+                self.kind.name()
+            ))
         })
     }
 
     /// The pages of a Memory section: `(gpa, page)`; each gpa is page-aligned.
     pub fn pages(&self) -> Result<Vec<(u64, &[u8])>, StreamError> {
-        if self.kind != SectionKind::Memory || self.payload.len() % PAGE_RECORD != 0 {
+        if self.kind != SectionKind::Memory || !self.payload.len().is_multiple_of(PAGE_RECORD) {
             return Err(StreamError::Corrupt(format!(
                 "a memory section of {} bytes is not a whole number of {PAGE_RECORD}-byte page records",
                 self.payload.len()
@@ -317,7 +320,7 @@ impl Section {
             let mut g = [0u8; 8];
             g.copy_from_slice(a);
             let gpa = u64::from_le_bytes(g);
-            if gpa % PAGE_SIZE as u64 != 0 {
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
                 return Err(StreamError::Corrupt(format!(
                     "page address {gpa:#x} is not page-aligned"
                 )));

@@ -31,15 +31,38 @@ pub const REENLIGHTENMENT_NEEDS_TSC_FREQUENCY: &str =
 /// The VMM-owned ones (IA32_TSC, TSC_ADJUST, APIC_BASE, TSC_DEADLINE, the x2APIC and Hyper-V ranges) travel
 /// in the VMM and engine state instead.
 pub const SAVED_MSRS: &[u32] = &[
-    0x48,        // IA32_SPEC_CTRL
-    0x174,       // SYSENTER_CS
-    0x175,       // SYSENTER_ESP
-    0x176,       // SYSENTER_EIP
-    0x1A0,       // IA32_MISC_ENABLE
-    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable MTRRs 0..3
-    0x208, 0x209, 0x20A, 0x20B, 0x20C, 0x20D, 0x20E, 0x20F, // variable MTRRs 4..7
-    0x250, 0x258, 0x259, // fixed MTRRs
-    0x268, 0x269, 0x26A, 0x26B, 0x26C, 0x26D, 0x26E, 0x26F,
+    0x48,  // IA32_SPEC_CTRL
+    0x174, // SYSENTER_CS
+    0x175, // SYSENTER_ESP
+    0x176, // SYSENTER_EIP
+    0x1A0, // IA32_MISC_ENABLE
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207, // variable MTRRs 0..3
+    0x208,
+    0x209,
+    0x20A,
+    0x20B,
+    0x20C,
+    0x20D,
+    0x20E,
+    0x20F, // variable MTRRs 4..7
+    0x250,
+    0x258,
+    0x259, // fixed MTRRs
+    0x268,
+    0x269,
+    0x26A,
+    0x26B,
+    0x26C,
+    0x26D,
+    0x26E,
+    0x26F,
     0x277,       // IA32_PAT
     0x2FF,       // MTRR default type
     0xDA0,       // IA32_XSS
@@ -303,7 +326,7 @@ pub fn save<W: Write>(
             batch.add(&mut w, gpa, &page)?;
             gpa += PAGE_SIZE as u64;
             done += PAGE_SIZE as u64;
-            if done % (64 << 20) == 0 {
+            if done.is_multiple_of(64 << 20) {
                 progress(done, total);
             }
         }
@@ -389,9 +412,7 @@ pub fn restore<R: Read>(
             }
             SectionKind::Engine => {
                 if engine.is_some() {
-                    return Err(
-                        StreamError::Corrupt("two engine sections".to_string()).into()
-                    );
+                    return Err(StreamError::Corrupt("two engine sections".to_string()).into());
                 }
                 engine = Some(s.json()?);
             }
@@ -428,7 +449,8 @@ pub fn restore<R: Read>(
         (None, None) => {}
         (Some(_), None) => {
             return Err(StreamError::Mismatch(
-                "the stream has Hyper-V state but this VM runs without the Hyper-V engine".to_string(),
+                "the stream has Hyper-V state but this VM runs without the Hyper-V engine"
+                    .to_string(),
             )
             .into())
         }
@@ -447,7 +469,11 @@ pub fn restore<R: Read>(
     let mut done = 0u64;
     while pending.kind == SectionKind::Memory {
         for (gpa, page) in pending.pages()? {
-            if !shared.layout.regions.iter().any(|r| gpa >= r.start && gpa + PAGE_SIZE as u64 <= r.start + r.size)
+            if !shared
+                .layout
+                .regions
+                .iter()
+                .any(|r| gpa >= r.start && gpa + PAGE_SIZE as u64 <= r.start + r.size)
             {
                 return Err(StreamError::Corrupt(format!(
                     "page at {gpa:#x} is outside this VM's RAM"
@@ -460,7 +486,7 @@ pub fn restore<R: Read>(
                 .map_err(|e| vm_err(format!("cannot write guest RAM at {gpa:#x}: {e}")))?;
             stats.pages += 1;
             done += PAGE_SIZE as u64;
-            if done % (64 << 20) == 0 {
+            if done.is_multiple_of(64 << 20) {
                 progress(done, total);
             }
         }

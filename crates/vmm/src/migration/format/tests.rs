@@ -19,7 +19,8 @@ fn sample_stream() -> Vec<u8> {
     w.json(SectionKind::Config, &config()).unwrap();
     w.section(SectionKind::Vcpu, b"{\"index\":0}").unwrap();
     w.section(SectionKind::Vcpu, b"{\"index\":1}").unwrap();
-    w.section(SectionKind::Device, b"{\"name\":\"serial\"}").unwrap();
+    w.section(SectionKind::Device, b"{\"name\":\"serial\"}")
+        .unwrap();
     w.section(SectionKind::Engine, b"{}").unwrap();
     let mut batch = PageBatch::default();
     let mut page = [0u8; PAGE_SIZE];
@@ -143,18 +144,34 @@ fn refusals_name_the_problem() {
     long_version[12..14].copy_from_slice(&1000u16.to_le_bytes());
     let cases: &[(&str, Vec<u8>, &str)] = &[
         ("empty", Vec::new(), "truncated migration stream"),
-        ("half header", good[..6].to_vec(), "truncated migration stream"),
+        (
+            "half header",
+            good[..6].to_vec(),
+            "truncated migration stream",
+        ),
         ("bad magic", bad_magic, "not an enlighten migration stream"),
         (
             "newer version",
             new_version,
             "format version 2 is not supported (this build reads version 1)",
         ),
-        ("older version", old_version, "format version 0 is not supported"),
+        (
+            "older version",
+            old_version,
+            "format version 0 is not supported",
+        ),
         ("unknown kind", bad_kind, "unknown section type 0x77"),
         ("huge length", huge_len, "claims 18446744073709551615 bytes"),
-        ("flipped bit", flipped, "checksum mismatch in the config section"),
-        ("long version string", long_version, "version string is 1000 bytes"),
+        (
+            "flipped bit",
+            flipped,
+            "checksum mismatch in the config section",
+        ),
+        (
+            "long version string",
+            long_version,
+            "version string is 1000 bytes",
+        ),
         (
             "no End section",
             good[..good.len() - 16].to_vec(),
@@ -178,14 +195,22 @@ fn memory_payload_shape_is_checked() {
         kind: SectionKind::Memory,
         payload: vec![0; PAGE_RECORD + 1],
     };
-    assert!(odd.pages().unwrap_err().to_string().contains("whole number"));
+    assert!(odd
+        .pages()
+        .unwrap_err()
+        .to_string()
+        .contains("whole number"));
     let mut misaligned = vec![0u8; PAGE_RECORD];
     misaligned[..8].copy_from_slice(&0x1234u64.to_le_bytes());
     let s = Section {
         kind: SectionKind::Memory,
         payload: misaligned,
     };
-    assert!(s.pages().unwrap_err().to_string().contains("not page-aligned"));
+    assert!(s
+        .pages()
+        .unwrap_err()
+        .to_string()
+        .contains("not page-aligned"));
     let bad_json = Section {
         kind: SectionKind::Config,
         payload: b"{".to_vec(),
@@ -257,7 +282,10 @@ fn config_mismatches_are_named() {
             continue;
         }
         let msg = r.unwrap_err().to_string();
-        assert!(msg.starts_with("migration stream does not match this VM: "), "{msg}");
+        assert!(
+            msg.starts_with("migration stream does not match this VM: "),
+            "{msg}"
+        );
         for f in *fragments {
             assert!(msg.contains(f), "{what}: {msg} lacks {f}");
         }
