@@ -130,3 +130,17 @@ fn everything_gps_without_hyperv_identification() {
         ],
     );
 }
+
+#[test]
+fn vp_index_equals_apic_id_on_four_vcpus() {
+    let o = run_guest("hv_msrs", 4, Some("enforce=0"), &["-cpu", ALL]);
+    let mut lines = Vec::new();
+    for cpu in 0..4 {
+        lines.push(format!(
+            "VP_INDEX on CPU {cpu} is {cpu:x} (its APIC ID is {cpu})"
+        ));
+        lines.push(format!("VP_INDEX is read-only on CPU {cpu}"));
+    }
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    assert_passed_with(&o, &refs);
+}
