@@ -307,6 +307,170 @@ impl VcpuHook for HvVcpuHook {
 mod tests {
     use super::*;
 
+    use crate::boot::{BootEntry, EntryMode};
+    use crate::layout::MemoryLayout;
+    use crate::machine::{BootLoader, IoAction, IoDevices, VmConfig};
+    use vm_memory::GuestMemoryMmap;
+
+    struct NoKernel;
+    impl BootLoader for NoKernel {
+        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
+            Ok(BootEntry {
+                mode: EntryMode::Protected32,
+                entry: 0x10_0000,
+                mbi: 0,
+            })
+        }
+    }
+    struct NoDevices;
+    impl IoDevices for NoDevices {
+        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
+            data.fill(0xFF);
+        }
+        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
+            IoAction::None
+        }
+    }
+
+    fn entry(function: u32, eax: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index: 0,
+            flags: 0,
+            eax,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        }
+    }
+
+    /// The hooks of a real (never started) KVM machine with the engine installed: Hyper-V identified, HYPERCALL
+    /// and VP_INDEX advertised.
+    fn hooks() -> Option<(Machine, HvMsrHook, HvPortHook)> {
+        let cfg = VmConfig {
+            ram_size: 16 << 20,
+            vcpus: 2,
+            ..VmConfig::default()
+        };
+        let (m, _fds) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)).ok()?;
+        let cpuid = vec![
+            entry(0x4000_0000, 0x4000_0005),
+            entry(0x4000_0001, 0x3123_7648),
+            entry(0x4000_0003, (1 << 5) | (1 << 6)),
+        ];
+        assert!(hyperv_enabled(&cpuid));
+        let glue = HvGlue::install(
+            &m,
+            HvSetup {
+                cpuid,
+                enforce_cpuid: false,
+                apic_frequency_hz: 1_000_000_000,
+                panic_action: PanicAction::None,
+            },
+        )
+        .ok()?;
+        let msr = HvMsrHook(glue.engine().clone());
+        let port = HvPortHook(glue.engine().clone());
+        Some((m, msr, port))
+    }
+
+    fn long_mode(cpl: u8) -> kvm_sregs {
+        let mut s = kvm_sregs {
+            cr0: 0x8000_0011,
+            efer: 0x500,
+            ..Default::default()
+        };
+        s.cs.l = 1;
+        s.ss.dpl = cpl;
+        s
+    }
+
+    #[test]
+    fn msr_and_port_hooks_route_to_the_engine() {
+        let Some((_m, msr, port)) = hooks() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        // Outside the synthetic range: not the engine's.
+        assert_eq!(msr.rdmsr(0, 0x3FFF_FFFF), None);
+        assert_eq!(msr.wrmsr(0, 0x4000_0200, 0), None);
+        // VP_INDEX = APIC ID on each vCPU, read-only.
+        assert_eq!(msr.rdmsr(1, 0x4000_0002), Some(Ok(1)));
+        assert_eq!(msr.wrmsr(1, 0x4000_0002, 1), Some(Err(Gp)));
+        assert_eq!(
+            msr.wrmsr(0, 0x4000_0000, 0x8100_0000_0000_0000),
+            Some(Ok(()))
+        );
+        assert!(!port.handles(0xE5) && port.handles(0xE4));
+        let mut no_xmm = || None;
+        // (sregs, rflags, port, width, control, expected)
+        let cases: &[(kvm_sregs, u64, u16, usize, u64, PortResult, Option<u64>)] = &[
+            (
+                long_mode(0),
+                2,
+                0xE4,
+                1,
+                0x7FFF,
+                PortResult::RegsChanged,
+                Some(2),
+            ),
+            (
+                long_mode(0),
+                2,
+                0xE4,
+                1,
+                0x7FFF | (1 << 31),
+                PortResult::RegsChanged,
+                Some(3),
+            ),
+            (
+                long_mode(0),
+                2,
+                0xE4,
+                1,
+                0x0008,
+                PortResult::RegsChanged,
+                Some(0),
+            ),
+            (long_mode(3), 2, 0xE4, 1, 0x7FFF, PortResult::InjectUd, None),
+            (
+                kvm_sregs::default(),
+                2,
+                0xE4,
+                1,
+                0x7FFF,
+                PortResult::InjectUd,
+                None,
+            ),
+            (
+                long_mode(0),
+                2,
+                0xE4,
+                2,
+                0x7FFF,
+                PortResult::Unchanged,
+                None,
+            ),
+        ];
+        for (i, &(sregs, rflags, p, width, control, want, rax)) in cases.iter().enumerate() {
+            let mut regs = kvm_regs {
+                rax: 0xAAAA,
+                rcx: control,
+                rflags,
+                ..Default::default()
+            };
+            let before = regs;
+            let got = port.pio_write_full(0, p, &vec![0u8; width], &mut regs, &sregs, &mut no_xmm);
+            assert_eq!(got, want, "case {i}");
+            assert_eq!(regs.rax, rax.unwrap_or(before.rax), "case {i}");
+            assert_eq!(
+                (regs.rcx, regs.rdx, regs.r8, regs.rbx),
+                (before.rcx, before.rdx, before.r8, before.rbx),
+                "case {i}: only RAX changes"
+            );
+        }
+    }
+
     #[test]
     fn modes_from_sregs() {
         let mut long = kvm_sregs {
