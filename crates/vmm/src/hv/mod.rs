@@ -403,8 +403,9 @@ mod tests {
         );
         assert!(!port.handles(0xE5) && port.handles(0xE4));
         let mut no_xmm = || None;
-        // (sregs, rflags, port, width, control, expected)
-        let cases: &[(kvm_sregs, u64, u16, usize, u64, PortResult, Option<u64>)] = &[
+        /// (sregs, RFLAGS, port, access width, control word, result, RAX afterwards if written)
+        type Case = (kvm_sregs, u64, u16, usize, u64, PortResult, Option<u64>);
+        let cases: &[Case] = &[
             (
                 long_mode(0),
                 2,
