@@ -140,20 +140,16 @@ impl Inner {
             })
         };
         match c.cmd {
-            CMD_SINT_ROUTE_CREATE => {
-                if target().is_some() {
-                    st.routes.insert((u32::from(c.vp), c.sint));
-                }
+            CMD_SINT_ROUTE_CREATE if target().is_some() => {
+                st.routes.insert((u32::from(c.vp), c.sint));
             }
             CMD_SINT_ROUTE_DESTROY => {
                 st.routes.remove(&(u32::from(c.vp), c.sint));
             }
-            CMD_SINT_ROUTE_SET_SINT => {
-                if st.routes.contains(&(u32::from(c.vp), c.sint)) {
-                    if let Some(t) = target() {
-                        // Masked SINT: nothing happens, as in KVM.
-                        let _ = engine.raise_sint(t.vp, t.sint);
-                    }
+            CMD_SINT_ROUTE_SET_SINT if st.routes.contains(&(u32::from(c.vp), c.sint)) => {
+                if let Some(t) = target() {
+                    // Masked SINT: nothing happens, as in KVM.
+                    let _ = engine.raise_sint(t.vp, t.sint);
                 }
             }
             CMD_MSG_CONN_CREATE => {
@@ -170,11 +166,9 @@ impl Inner {
                     }
                 }
             }
-            CMD_MSG_CONN_DESTROY => {
-                if st.msg_conns.remove(&c.conn).is_some() {
-                    engine.unregister_message_connection(u32::from(c.conn));
-                    st.staged.remove(&c.conn);
-                }
+            CMD_MSG_CONN_DESTROY if st.msg_conns.remove(&c.conn).is_some() => {
+                engine.unregister_message_connection(u32::from(c.conn));
+                st.staged.remove(&c.conn);
             }
             CMD_EVT_CONN_CREATE => {
                 if let (Some(t), false) = (target(), st.evt_conns.contains_key(&c.conn)) {
@@ -190,10 +184,8 @@ impl Inner {
                     }
                 }
             }
-            CMD_EVT_CONN_DESTROY => {
-                if st.evt_conns.remove(&c.conn).is_some() {
-                    engine.unregister_event_connection(u32::from(c.conn));
-                }
+            CMD_EVT_CONN_DESTROY if st.evt_conns.remove(&c.conn).is_some() => {
+                engine.unregister_event_connection(u32::from(c.conn));
             }
             CMD_LATCH_EXITS => {
                 let count = engine
