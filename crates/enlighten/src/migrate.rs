@@ -304,7 +304,18 @@ impl MigrationControl {
                 let s = std::os::unix::net::UnixStream::connect(p)
                     .map_err(|e| format!("Failed to connect to '{p}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
-                let stats = save(Box::new(s))?;
+                let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(60)));
+                let _ = r.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+                let stats = match save(Box::new(s)) {
+                    Ok(stats) => stats,
+                    // A destination that refused the stream early said why before it closed.
+                    Err(e) => {
+                        return Err(match wait_verdict(r) {
+                            Err(v) if v.starts_with("the destination refused") => v,
+                            _ => e,
+                        })
+                    }
+                };
                 wait_verdict(r)?;
                 Ok(stats)
             }
@@ -312,7 +323,18 @@ impl MigrationControl {
                 let s = std::net::TcpStream::connect(a)
                     .map_err(|e| format!("Failed to connect to '{a}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
-                let stats = save(Box::new(s))?;
+                let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(60)));
+                let _ = r.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+                let stats = match save(Box::new(s)) {
+                    Ok(stats) => stats,
+                    // A destination that refused the stream early said why before it closed.
+                    Err(e) => {
+                        return Err(match wait_verdict(r) {
+                            Err(v) if v.starts_with("the destination refused") => v,
+                            _ => e,
+                        })
+                    }
+                };
                 wait_verdict(r)?;
                 Ok(stats)
             }

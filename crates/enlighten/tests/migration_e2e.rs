@@ -362,3 +362,100 @@ fn tsc_frequency_other_than_the_hosts_is_refused_at_creation() {
         o.describe()
     );
 }
+
+#[test]
+fn reenlightenment_without_tsc_frequency_fails_at_the_destination_and_the_source_resumes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cpu = "host,hv-relaxed,hv-vpindex,hv-time,hv-frequencies,hv-reenlightenment";
+    let sock = scratch("reenl.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let dst_args = qemu_style_args(
+        kernel("migr_reenl"),
+        1,
+        None,
+        &["-cpu", cpu, "-incoming", &spec],
+    );
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let qsock = scratch("reenl.qmp");
+    let _ = std::fs::remove_file(&qsock);
+    let qspec = format!("unix:{},server=on,wait=off", qsock.display());
+    let child = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+        .args(qemu_style_args(
+            kernel("migr_reenl"),
+            1,
+            None,
+            &["-cpu", cpu, "-qmp", &qspec],
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the source");
+    let mut src = Source {
+        child,
+        qmp: Qmp::connect(&qsock),
+    };
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let q = src.qmp.migrate(&spec);
+    assert_eq!(q["status"], "failed", "{q}");
+    let text = "Guest enabled re-enlightenment notifications, 'tsc-frequency=' has to be specified";
+    assert!(q["error-desc"].as_str().unwrap_or("").contains(text), "{q}");
+    let o = dst.join().expect("destination thread");
+    assert_eq!(o.status, Some(1), "{}", o.describe());
+    assert!(o.stderr.contains(text), "{}", o.describe());
+    // The source resumed and finishes its guest.
+    let (status, out, err) = src.finish(false);
+    assert_eq!(status, Some(1), "{out}\n{err}");
+    assert!(
+        out.contains("PASS: reference time never stepped back")
+            && out
+                .lines()
+                .any(|l| l.starts_with("SUMMARY:") && l.contains(" 0 failures")),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
+fn live_migration_over_tcp() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A free port: bind, read it, release it for the destination.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let spec = format!("tcp:127.0.0.1:{port}");
+    let mut dst_args = guest_args(CPU, &[]);
+    dst_args.push("-incoming".into());
+    dst_args.push(spec.clone());
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut src = Source::start(CPU, "tcp");
+    std::thread::sleep(Duration::from_millis(800));
+    // The destination may not listen yet: a refused connection fails the migration and the source resumes,
+    // so try again (a probe connection would take the destination's only accept).
+    let mut q = Value::Null;
+    for _ in 0..50 {
+        q = src.qmp.migrate(&spec);
+        let refused = q["status"] == "failed"
+            && q["error-desc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Failed to connect");
+        if !refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(q["status"], "completed", "{q}");
+    let (_, out, _) = src.finish(true);
+    assert!(
+        !out.contains("SUMMARY:"),
+        "source finished too early:\n{out}"
+    );
+    let o = dst.join().expect("destination thread");
+    assert_guest_finished(&o);
+}
