@@ -1086,7 +1086,11 @@ impl Machine {
 
     /// Starts the vCPU threads (with the fds [`Machine::new`] returned) and the timer thread, then handles VM
     /// events until the machine ends. Joins every thread before returning.
+    ///
+    /// With `ENLIGHTEN_STATS` set in the environment, prints `stats: run_ms=<wall ms> exits=<n0>,<n1>,...`
+    /// (KVM exits handled per vCPU) on stderr when the machine ends; the benchmark suite (`bench/run`) uses it.
     pub fn run(mut self, fds: Vec<VcpuFd>) -> Outcome {
+        let started = std::time::Instant::now();
         let mut inits = Vec::new();
         for fd in &fds {
             match (fd.get_regs(), fd.get_sregs(), fd.get_fpu()) {
@@ -1141,6 +1145,19 @@ impl Machine {
         let outcome = self.event_loop();
         self.shared.stop_all();
         self.join();
+        if std::env::var_os("ENLIGHTEN_STATS").is_some() {
+            let exits: Vec<String> = self
+                .shared
+                .vcpus
+                .iter()
+                .map(|v| v.lock().exits.to_string())
+                .collect();
+            eprintln!(
+                "stats: run_ms={} exits={}",
+                started.elapsed().as_millis(),
+                exits.join(",")
+            );
+        }
         outcome
     }
 

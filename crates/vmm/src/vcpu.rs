@@ -533,6 +533,9 @@ impl Ctx {
         let exit = match exit {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (timer, IPI, queued work) ended this KVM_RUN: a round trip to userspace like any
+                // other exit, so it counts in the statistics.
+                me.lock().exits += 1;
                 return Ok(Deferred::None);
             }
             Err(e) => return Err(format!("KVM_RUN failed on vCPU {index}: {e}")),
