@@ -158,3 +158,19 @@ fn reset_with_no_reboot_exits() {
     assert!(o.failures().is_empty(), "{}", o.describe());
     assert!(o.stderr_noise().is_empty(), "{}", o.describe());
 }
+
+#[test]
+fn crash_without_hv_crash_logs_no_parameters() {
+    // Without hv-crash the CRASH MSRs still work (KVM without hv-enforce-cpuid), but the panic carries no
+    // Hyper-V information: QEMU then logs only "Guest crashed".
+    let args = qemu_style_args(
+        kernel("hv_crash"),
+        1,
+        None,
+        &["-cpu", "host,hv-relaxed", "-action", "panic=shutdown"],
+    );
+    let o = run_raw(&args);
+    assert_eq!(o.status, Some(0), "{}", o.describe());
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines, ["warning: Guest crashed"], "{}", o.describe());
+}

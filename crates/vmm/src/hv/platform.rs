@@ -297,7 +297,12 @@ impl Platform for VmmPlatform {
         );
     }
 
-    fn apic_access(&self, vp: VpId, msr: u32, access: hyperv::ApicAccess) -> Result<u64, hyperv::Gp> {
+    fn apic_access(
+        &self,
+        vp: VpId,
+        msr: u32,
+        access: hyperv::ApicAccess,
+    ) -> Result<u64, hyperv::Gp> {
         // hv-vapic EOI/ICR/TPR (called with no engine lock held): the userspace APIC's Hyper-V MSR entry points,
         // with the effects a vCPU exit would apply (IPI routing, EOI hook → SynIC acknowledgement).
         let hv_msr = match msr {
@@ -400,11 +405,14 @@ impl Platform for VmmPlatform {
         match event {
             Event::GuestPanicked { vp, params } => {
                 self.panics.fetch_add(1, Ordering::SeqCst);
-                // QEMU logs these two lines; the `warning: ` prefix keeps stderr parseable for harnesses that
-                // accept only warnings there.
+                // QEMU logs `Guest crashed`, then the parameters when the panic carries Hyper-V information
+                // (hv-crash on); the `warning: ` prefix keeps stderr parseable for harnesses that accept only
+                // warnings there.
                 eprintln!("warning: {}", hyperv::crash::GUEST_CRASHED);
-                eprintln!("warning: {}", hyperv::crash::format_crash_params(&params));
                 let params = self.crash_info.then_some(params);
+                if let Some(p) = &params {
+                    eprintln!("warning: {}", hyperv::crash::format_crash_params(p));
+                }
                 let notifier = lock(&self.notifier).clone();
                 if let Some(n) = notifier {
                     n(&GuestPanic {
