@@ -243,6 +243,134 @@ static void section_hyperv(void)
     }
 }
 
+/* ---- SynIC, synthetic timers and exit-less EOI (hv-synic, hv-stimer, hv-vapic; hyperv-testdev for the
+ * message echo and the event). */
+#include "synic.h"
+
+static struct hv_message *demo_simp;
+static volatile u32 demo_timer_msgs, demo_echo_msgs, demo_events, demo_pv_offered, demo_pv_irqs;
+static volatile u32 *demo_assist;
+
+static void demo_timer_msg(struct regs *r)
+{
+    (void)r;
+    if (demo_simp[0].type == HVMSG_TIMER_EXPIRED)
+        demo_timer_msgs++;
+    bool pending = demo_simp[0].flags & HV_MSG_FLAG_PENDING;
+    demo_simp[0].type = HVMSG_NONE;
+    if (pending)
+        wrmsr(HV_MSR_EOM, 0);
+    apic_eoi();
+}
+
+static void demo_echo(struct regs *r)
+{
+    (void)r;
+    demo_echo_msgs++;
+    apic_eoi();
+}
+
+static void demo_event(struct regs *r)
+{
+    (void)r;
+    demo_events++; /* auto-EOI SINT */
+}
+
+static void demo_direct(struct regs *r)
+{
+    (void)r;
+    demo_pv_irqs++;
+    u32 old;
+    asm volatile("lock btrl $0, %1; setc %b0" : "=q"(old), "+m"(*demo_assist) : : "memory", "cc");
+    if (old & 1)
+        demo_pv_offered++; /* exit-less EOI: the VMM completes it at the next exit */
+    else
+        apic_eoi();
+}
+
+static void section_synic(void)
+{
+    u32 a = hv_features_eax();
+    if (!(a & HV_EAX_SYNIC)) {
+        printf("  not offered (hv-synic)\n");
+        return;
+    }
+    u64 hz = tsc_hz_from_cpuid();
+    if (!hz)
+        hz = 2000000000ul;
+    demo_simp = alloc_pages(1);
+    u8 *siefp = alloc_pages(1);
+    set_irq_handler(0x91, demo_timer_msg);
+    set_irq_handler(0x92, demo_echo);
+    set_irq_handler(0x93, demo_event);
+    set_irq_handler(0x94, demo_direct);
+    synic_enable(demo_simp, siefp);
+    synic_set_sint(0, 0x91, false);
+    synic_set_sint(1, 0x92, false);
+    synic_set_sint(2, 0x93, true);
+
+    /* A message through hyperv-testdev's echo connection, and an event. */
+    if (hv_hypercall_page || hv_enable_hypercalls()) {
+        struct hv_post_message_input *in = alloc_pages(1);
+        hvt_cmd(HVT_MSG_CONN_CREATE, 0, 1, 1);
+        hvt_cmd(HVT_EVT_CONN_CREATE, 0, 2, 2);
+        in->connection_id = 1;
+        in->message_type = 0x1234;
+        in->payload_size = 6;
+        memcpy(in->payload, "hello", 6);
+        u64 st = hv_post_message(in);
+        bool got = wait_count(&demo_echo_msgs, 1, hz / 10);
+        if (st == HV_STATUS_INVALID_CONNECTION_ID)
+            printf("  message         PostMessage: no connection (add -device hyperv-testdev for the echo)\n");
+        else
+            printf("  message         PostMessage 'hello' (type 0x1234) echoed into SINT1's slot: \"%s\": %s\n",
+                   got ? (const char *)demo_simp[1].payload : "", works(got && demo_simp[1].type == 0x1234));
+        demo_simp[1].type = HVMSG_NONE;
+        st = hv_signal_event_fast(2, 0);
+        got = wait_count(&demo_events, 1, hz / 10);
+        if (st == HV_STATUS_INVALID_CONNECTION_ID)
+            printf("  event           SignalEvent: no connection (add -device hyperv-testdev)\n");
+        else
+            printf("  event           SignalEvent set flag 2 of SINT2 (%s) and raised it once: %s\n",
+                   siefp[2 * 256] & 4 ? "set" : "clear", works(got && (siefp[2 * 256] & 4) && demo_events == 1));
+    }
+
+    if (!(a & HV_EAX_SYNTIMERS) || !(a & HV_EAX_TIME_REF_COUNT)) {
+        printf("  synthetic timers not offered (hv-stimer)\n");
+        return;
+    }
+    /* A 1 ms periodic stimer in message mode over 200 ms of reference time. */
+    stimer_count(0, 10000);
+    u64 t0 = hv_ref_time();
+    stimer_config(0, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_SINT(0));
+    while (hv_ref_time() < t0 + 2000000) {
+        safe_halt();
+        cli();
+    }
+    stimer_config(0, 0);
+    u32 n = demo_timer_msgs;
+    printf("  stimer          1 ms periodic, message mode: %u HVMSG_TIMER_EXPIRED in 200 ms (%u per second): %s\n",
+           n, n * 5, works(n > 0));
+
+    if (!(a & HV_EAX_APIC_ACCESS) || !(hv_features_edx() & HV_EDX_STIMER_DIRECT)) {
+        printf("  exit-less EOI   not shown (needs hv-vapic and hv-stimer-direct)\n");
+        return;
+    }
+    /* Exit-less EOI: a 1 ms direct-mode stimer for 50 interrupts whose handler honours the assist page bit. */
+    demo_assist = alloc_pages(1);
+    wrmsr(HV_MSR_VP_ASSIST_PAGE, (u64)demo_assist | 1);
+    stimer_count(1, 10000);
+    stimer_config(1, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_DIRECT | HV_STIMER_VECTOR(0x94));
+    while (demo_pv_irqs < 50) {
+        safe_halt();
+        cli();
+    }
+    stimer_config(1, 0);
+    wrmsr(HV_MSR_VP_ASSIST_PAGE, 0);
+    printf("  exit-less EOI   %u of %u direct stimer interrupts EOI'd without an EOI exit: %s\n", demo_pv_offered,
+           demo_pv_irqs, works(demo_pv_offered > 0));
+}
+
 static const struct {
     const char *title;
     void (*fn)(void);
@@ -253,6 +381,7 @@ static const struct {
     { "Memory", section_memory },
     { "Timer", section_timer },
     { "Hyper-V", section_hyperv },
+    { "SynIC", section_synic },
 };
 
 int main(void)
