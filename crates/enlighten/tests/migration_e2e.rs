@@ -319,30 +319,49 @@ fn damaged_and_mismatched_streams_are_refused_with_clear_errors() {
 }
 
 #[test]
-fn hv_passthrough_blocks_migrate_and_the_source_continues() {
+fn blockers_refuse_migrate_with_qemus_text_and_the_source_continues() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = Source::start("host,hv-passthrough", "blocked");
-    let r = src.qmp.cmd(
-        "migrate",
-        json!({"uri": format!("file:{}", scratch("blocked.snap").display())}),
-    );
-    assert_eq!(
-        r["error"]["desc"],
-        "'hv-passthrough' CPU flag prevents migration, use explicit set of hv-* flags instead",
-        "{r}"
-    );
-    assert_eq!(r["error"]["class"], "GenericError");
-    let (status, out, err) = src.finish(false);
-    assert_eq!(
-        status,
-        Some(1),
-        "the source finishes its guest\n{out}\n{err}"
-    );
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("SUMMARY:") && l.contains(" 0 failures")),
-        "{out}\n{err}"
-    );
+    let cases: &[(&str, &str, bool)] = &[
+        (
+            "host,hv-passthrough",
+            "'hv-passthrough' CPU flag prevents migration, use explicit set of hv-* flags instead",
+            true,
+        ),
+        (
+            "host,hv-relaxed,hv-vpindex,hv-time,hv-frequencies,hv-no-nonarch-coresharing=auto",
+            "'hv-no-nonarch-coresharing=auto' CPU flag prevents migration use explicit \
+             'hv-no-nonarch-coresharing=on' instead (but make sure SMT is disabled and/or that vCPUs are \
+             properly pinned)",
+            false,
+        ),
+        (
+            "host,hv-relaxed,hv-vpindex,hv-time,hv-frequencies,invtsc",
+            "State blocked by non-migratable CPU device (invtsc flag)",
+            false,
+        ),
+    ];
+    for (i, (cpu, text, wait_for_guest)) in cases.iter().enumerate() {
+        let mut src = Source::start(cpu, &format!("blocked{i}"));
+        let r = src.qmp.cmd(
+            "migrate",
+            json!({"uri": format!("file:{}", scratch("blocked.snap").display())}),
+        );
+        assert_eq!(r["error"]["desc"], *text, "{cpu}: {r}");
+        assert_eq!(r["error"]["class"], "GenericError");
+        let (status, out, err) = src.finish(!wait_for_guest);
+        if *wait_for_guest {
+            assert_eq!(
+                status,
+                Some(1),
+                "the source finishes its guest\n{out}\n{err}"
+            );
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("SUMMARY:") && l.contains(" 0 failures")),
+                "{out}\n{err}"
+            );
+        }
+    }
 }
 
 #[test]
