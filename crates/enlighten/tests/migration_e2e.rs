@@ -478,3 +478,43 @@ fn live_migration_over_tcp() {
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
+
+#[test]
+fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A destination that accepts, reads part of the stream and dies (its socket closes), and one that is an
+    // `exec:` command reading only the header.
+    let sock = scratch("dies.migr");
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("listen");
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = s.read_exact(&mut buf);
+        // Dropped here: the "destination" is gone mid-stream.
+    });
+    let mut src = Source::start(CPU, "dies");
+    std::thread::sleep(Duration::from_millis(800));
+    let q = src.qmp.migrate(&format!("unix:{}", sock.display()));
+    fake.join().expect("fake destination");
+    assert_eq!(q["status"], "failed", "{q}");
+    let q = src.qmp.migrate("exec:head -c 100 >/dev/null");
+    assert_eq!(q["status"], "failed", "{q}");
+    let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["running"], true, "{st}");
+    // The guest carries on and passes, with reference time never stepping back.
+    let (status, out, err) = src.finish(false);
+    let o = Outcome {
+        command: "source".into(),
+        status,
+        stdout: out,
+        stderr: String::new(),
+        timed_out: false,
+        elapsed: Duration::ZERO,
+    };
+    assert!(
+        err.contains("error: migration failed"),
+        "the failures are reported on stderr: {err}"
+    );
+    assert_guest_finished(&o);
+}
