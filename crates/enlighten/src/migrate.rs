@@ -126,6 +126,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 static CONTROL: OnceLock<Arc<MigrationControl>> = OnceLock::new();
 
+static EVENTS: OnceLock<qmp::EventSink> = OnceLock::new();
+
+/// Where MIGRATION and MIGRATION_PASS events go (the QMP glue's sink).
+pub fn set_event_sink(sink: qmp::EventSink) {
+    let _ = EVENTS.set(sink);
+}
+
+/// QEMU's MIGRATION event.
+fn status_event(status: &str) {
+    if let Some(e) = EVENTS.get() {
+        e.emit("MIGRATION", Some(json!({ "status": status })));
+    }
+}
+
 /// Installs the process's migration control (once, from `run`).
 pub fn install(control: Arc<MigrationControl>) {
     let _ = CONTROL.set(control);
@@ -233,6 +247,7 @@ impl MigrationControl {
                 ..Info::default()
             };
         }
+        status_event("setup");
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration".into())
@@ -243,6 +258,10 @@ impl MigrationControl {
 
     fn run_outgoing(&self, uri: Uri) {
         let t0 = Instant::now();
+        status_event("active");
+        if let Some(e) = EVENTS.get() {
+            e.emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
+        }
         let paused = self.vm.pause_all();
         let r = self.send(&uri, &paused);
         let mut i = lock(&self.info);
@@ -257,12 +276,14 @@ impl MigrationControl {
                 i.zero_pages = stats.zero_pages;
                 // The source stays stopped (QEMU's postmigrate).
                 *lock(&self.held) = Some(paused);
+                status_event("completed");
             }
             Err(e) => {
                 eprintln!("error: migration failed: {e}");
                 i.status = "failed";
                 i.error = Some(e);
                 drop(paused);
+                status_event("failed");
             }
         }
     }

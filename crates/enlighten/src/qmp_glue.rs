@@ -434,6 +434,7 @@ pub fn start(
         return Ok(None);
     }
     let events = EventSink::new();
+    crate::migrate::set_event_sink(events.clone());
     let control = VmControl::new(
         machine.handle(),
         events.clone(),

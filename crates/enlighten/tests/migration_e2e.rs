@@ -39,6 +39,8 @@ fn guest_args(cpu: &str, extra: &[&str]) -> Vec<String> {
 struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Events seen so far (name, data).
+    events: Vec<(String, Value)>,
 }
 
 impl Qmp {
@@ -59,6 +61,7 @@ impl Qmp {
         let mut q = Qmp {
             reader: BufReader::new(s.try_clone().expect("clone")),
             writer: s,
+            events: Vec::new(),
         };
         let greeting = q.line();
         assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
@@ -81,6 +84,9 @@ impl Qmp {
             let v = self.line();
             if v.get("return").is_some() || v.get("error").is_some() {
                 return v;
+            }
+            if let Some(name) = v["event"].as_str() {
+                self.events.push((name.to_string(), v["data"].clone()));
             }
         }
     }
