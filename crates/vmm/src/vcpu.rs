@@ -230,7 +230,34 @@ enum Deferred {
     TripleFault,
     Fatal(String),
     InternalError,
-    PortHook(u16, Vec<u8>),
+    PortHook(u16, PortBytes),
+}
+
+/// The bytes of an `out` for the port hook: inline for ordinary port I/O (1, 2 or 4 bytes), so that a hypercall
+/// exit allocates nothing; only string I/O (`rep outs`) longer than 8 bytes goes to the heap.
+enum PortBytes {
+    Inline([u8; 8], u8),
+    Heap(Vec<u8>),
+}
+
+impl PortBytes {
+    fn new(data: &[u8]) -> Self {
+        match u8::try_from(data.len()) {
+            Ok(n) if n <= 8 => {
+                let mut b = [0u8; 8];
+                b[..data.len()].copy_from_slice(data);
+                PortBytes::Inline(b, n)
+            }
+            _ => PortBytes::Heap(data.to_vec()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            PortBytes::Inline(b, n) => &b[..usize::from(*n)],
+            PortBytes::Heap(v) => v,
+        }
+    }
 }
 
 pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, init: InitialState) {
@@ -548,7 +575,7 @@ impl Ctx {
                 self.needs_completion = true;
                 if shared.port_hook.get().is_some_and(|h| h.handles(port)) {
                     // The hook needs the registers (sync regs in kvm_run), which the exit value borrows.
-                    Deferred::PortHook(port, data.to_vec())
+                    Deferred::PortHook(port, PortBytes::new(data))
                 } else {
                     Deferred::Io(shared.devices.pio_write(index, port, data))
                 }
@@ -757,7 +784,7 @@ impl Ctx {
                     let result = {
                         let fd_ref: &VcpuFd = fd;
                         let mut xmm = || read_xmm0_5(fd_ref);
-                        hook.pio_write_full(index, port, &data, &mut regs, &sregs, &mut xmm)
+                        hook.pio_write_full(index, port, data.as_slice(), &mut regs, &sregs, &mut xmm)
                     };
                     match result {
                         PortResult::Unchanged => {}

@@ -392,7 +392,12 @@ impl Platform for VmmPlatform {
     }
 
     fn yield_vp(&self, _vp: VpId) {
-        std::thread::yield_now();
+        // NotifyLongSpinWait: give the host CPU to a preempted lock holder. Only another vCPU of this VM can hold
+        // the lock (KVM yields to those alone), so with a single vCPU the sched_yield is a wasted syscall, and on
+        // a loaded host it hands the CPU to unrelated tasks for milliseconds.
+        if self.vcpus.len() > 1 {
+            std::thread::yield_now();
+        }
     }
 
     fn flush_remote_tlb(&self, caller: VpId, targets: &[VpId]) {
