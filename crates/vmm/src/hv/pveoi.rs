@@ -144,3 +144,201 @@ impl PvEoi {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apic::ApicConfig;
+    use crate::boot::{BootEntry, EntryMode};
+    use crate::layout::MemoryLayout;
+    use crate::machine::{BootLoader, IoAction, IoDevices, Machine, VmConfig};
+    use std::sync::Arc;
+    use vm_memory::GuestMemoryMmap;
+
+    struct NoKernel;
+    impl BootLoader for NoKernel {
+        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
+            Ok(BootEntry {
+                mode: EntryMode::Protected32,
+                entry: 0x10_0000,
+                mbi: 0,
+            })
+        }
+    }
+    struct NoDevices;
+    impl IoDevices for NoDevices {
+        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
+            data.fill(0xFF);
+        }
+        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
+            IoAction::None
+        }
+    }
+
+    fn enabled_apic() -> LocalApic {
+        let mut a = LocalApic::new(0, ApicConfig::default());
+        // SPIV: software-enable.
+        let _ = a.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
+        a
+    }
+
+    const ASSIST: u64 = 0x8000;
+
+    /// What the guest does between the entry and the next exit.
+    #[derive(Clone, Copy, Debug)]
+    enum Guest {
+        /// Its handler cleared the bit (skipped the EOI).
+        ClearsBit,
+        /// The handler has not run yet / ignores the bit.
+        LeavesBit,
+    }
+
+    /// (case, vectors in service before, level-triggered, another vector requested, guest, bit offered,
+    /// EOI performed by the VMM)
+    #[allow(clippy::type_complexity)]
+    const CASES: &[(&str, &[u8], bool, Option<u8>, Guest, bool, Option<u8>)] = &[
+        (
+            "one edge vector, guest honours",
+            &[0x50],
+            false,
+            None,
+            Guest::ClearsBit,
+            true,
+            Some(0x50),
+        ),
+        (
+            "one edge vector, guest ignores",
+            &[0x50],
+            false,
+            None,
+            Guest::LeavesBit,
+            true,
+            None,
+        ),
+        (
+            "level-triggered",
+            &[0x50],
+            true,
+            None,
+            Guest::ClearsBit,
+            false,
+            None,
+        ),
+        (
+            "another vector requested",
+            &[0x50],
+            false,
+            Some(0x40),
+            Guest::ClearsBit,
+            false,
+            None,
+        ),
+        (
+            "two vectors in service",
+            &[0x50, 0x90],
+            false,
+            None,
+            Guest::ClearsBit,
+            false,
+            None,
+        ),
+        (
+            "nothing in service",
+            &[],
+            false,
+            None,
+            Guest::ClearsBit,
+            false,
+            None,
+        ),
+    ];
+
+    #[test]
+    fn offers_and_completes_like_kvm() {
+        let cfg = VmConfig {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ..VmConfig::default()
+        };
+        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let h = m.handle();
+        let dirty = std::cell::RefCell::new(Vec::new());
+        let mark = |gpa: u64, len: u64| dirty.borrow_mut().push((gpa, len));
+        for &(name, in_service, level, requested, guest, offered, eoi) in CASES {
+            let pv = PvEoi::new(1);
+            pv.set_page(0, Some(ASSIST));
+            h.memory().write_obj(0u32, GuestAddress(ASSIST)).unwrap();
+            let mut apic = enabled_apic();
+            for &v in in_service {
+                assert!(apic.accept_fixed(v, level), "{name}");
+                assert!(!apic.ack_interrupt(v), "{name}");
+            }
+            if let Some(v) = requested {
+                apic.accept_fixed(v, false);
+            }
+            dirty.borrow_mut().clear();
+            pv.sync_to_guest(0, &h, &apic, &mark);
+            let word: u32 = h.memory().read_obj(GuestAddress(ASSIST)).unwrap();
+            assert_eq!(word & NO_EOI_REQUIRED != 0, offered, "{name}: bit offered");
+            assert_eq!(!dirty.borrow().is_empty(), offered, "{name}: dirty page");
+            if let Guest::ClearsBit = guest {
+                h.memory()
+                    .write_obj(word & !NO_EOI_REQUIRED, GuestAddress(ASSIST))
+                    .unwrap();
+            }
+            let before = apic.isr_count();
+            let done = pv.sync_from_guest(0, &h, &mut apic, &mark);
+            assert_eq!(done.map(|e| e.vector), eoi, "{name}: EOI");
+            assert_eq!(
+                apic.isr_count(),
+                before - u32::from(eoi.is_some()),
+                "{name}: ISR"
+            );
+            let word: u32 = h.memory().read_obj(GuestAddress(ASSIST)).unwrap();
+            assert_eq!(
+                word & NO_EOI_REQUIRED,
+                0,
+                "{name}: the bit never outlives the exit"
+            );
+            assert_eq!(pv.completed(), u64::from(eoi.is_some()), "{name}: count");
+            // A second exit without a new offer does nothing.
+            assert!(
+                pv.sync_from_guest(0, &h, &mut apic, &mark).is_none(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn disabled_page_or_page_outside_ram_never_offers() {
+        let cfg = VmConfig {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ..VmConfig::default()
+        };
+        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let h = m.handle();
+        for page in [None, Some(1u64 << 40), Some(u64::MAX - 1)] {
+            let pv = PvEoi::new(1);
+            pv.set_page(0, page);
+            let mut apic = enabled_apic();
+            apic.accept_fixed(0x50, false);
+            apic.ack_interrupt(0x50);
+            pv.sync_to_guest(0, &h, &apic, &|_, _| {});
+            assert!(pv.sync_from_guest(0, &h, &mut apic, &|_, _| {}).is_none());
+            assert!(apic.is_in_service(0x50), "{page:?}");
+        }
+        // Unknown vCPUs are ignored.
+        let pv = PvEoi::new(1);
+        pv.set_page(5, Some(ASSIST));
+        let mut apic = enabled_apic();
+        pv.sync_to_guest(5, &h, &apic, &|_, _| {});
+        assert!(pv.sync_from_guest(5, &h, &mut apic, &|_, _| {}).is_none());
+    }
+}
