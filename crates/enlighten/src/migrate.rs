@@ -24,6 +24,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-incoming",
 ];
 
 /// The argument specs of [`COMMANDS`] (QEMU's names; `detach`, `blk`, `inc` and `resume` are accepted and
@@ -43,6 +44,7 @@ pub fn command_specs() -> Vec<qmp::CommandSpec> {
             .optional_arg("downtime-limit", ArgType::Uint)
             .optional_arg("max-bandwidth", ArgType::Uint),
         CommandSpec::new("query-migrate-parameters"),
+        CommandSpec::new("migrate-incoming").arg("uri", ArgType::Str),
     ]
 }
 
@@ -117,6 +119,8 @@ pub struct MigrationControl {
     info: Mutex<Info>,
     /// vCPUs held after a completed outgoing migration (QEMU's `postmigrate`).
     held: Mutex<Option<Paused>>,
+    /// `-incoming defer`: the held vCPUs, until `migrate-incoming`.
+    deferred: Mutex<Option<Paused>>,
     params: Mutex<(u64, u64)>,
 }
 
@@ -160,6 +164,18 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
             Ok(json!({}))
         }
         "query-migrate" => Ok(c.query()),
+        "migrate-incoming" => {
+            let uri = args
+                .get("uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
+            let uri = parse_uri(uri, false).map_err(QmpError::generic)?;
+            let held = lock(&c.deferred).take().ok_or_else(|| {
+                QmpError::generic("'-incoming' was not specified on the command line")
+            })?;
+            spawn_incoming(c.clone(), uri, held).map_err(QmpError::generic)?;
+            Ok(json!({}))
+        }
         "migrate_cancel" => Ok(json!({})),
         "migrate-set-parameters" => {
             let mut p = lock(&c.params);
@@ -197,6 +213,7 @@ impl MigrationControl {
                 ..Info::default()
             }),
             held: Mutex::new(None),
+            deferred: Mutex::new(None),
             // QEMU's defaults: 300 ms downtime limit, 32 MiB/s.
             params: Mutex::new((300, 32 << 20)),
         })
@@ -422,9 +439,7 @@ impl MigrationControl {
                 verdict(Box::new(w), &r);
                 r.map_err(|e| e.to_string())
             }
-            Uri::Defer => {
-                Err("-incoming defer (migrate-incoming) is not supported yet".to_string())
-            }
+            Uri::Defer => Err("'defer' is not a migration source".to_string()),
         }
     }
 }
@@ -460,24 +475,39 @@ pub fn prepare(
         return Ok(());
     };
     let uri = parse_uri(spec, true).map_err(|e| format!("-incoming {spec}: {e}"))?;
-    let handle = machine.handle();
-    let held = handle.hold_all();
+    let held = machine.handle().hold_all();
+    if uri == Uri::Defer {
+        // QMP `migrate-incoming` starts the load later.
+        *lock(&control.deferred) = Some(held);
+        return Ok(());
+    }
+    spawn_incoming(control, uri, held)
+}
+
+/// Loads the stream on a thread; releases the vCPUs on success, ends the process with status 1 on failure.
+fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Result<(), String> {
+    let handle = control.vm.clone();
     std::thread::Builder::new()
         .name("incoming".into())
-        .spawn(move || match control.run_incoming(&uri, &held) {
-            Ok(stats) => {
-                tracing::info!(?stats, "incoming migration loaded");
-                drop(held);
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                eprintln!("error: load of migration failed");
-                handle.request_exit(1);
-                std::mem::forget(held);
+        .spawn(move || {
+            status_event("active");
+            match control.run_incoming(&uri, &held) {
+                Ok(stats) => {
+                    tracing::info!(?stats, "incoming migration loaded");
+                    status_event("completed");
+                    drop(held);
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    eprintln!("error: load of migration failed");
+                    status_event("failed");
+                    handle.request_exit(1);
+                    std::mem::forget(held);
+                }
             }
         })
-        .map_err(|e| format!("cannot start the incoming migration thread: {e}"))?;
-    Ok(())
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the incoming migration thread: {e}"))
 }
 
 /// Reads the destination's verdict.

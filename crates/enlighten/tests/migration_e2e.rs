@@ -524,3 +524,46 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
     );
     assert_guest_finished(&o);
 }
+
+#[test]
+fn incoming_defer_then_migrate_incoming() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = scratch("defer.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let dqmp = scratch("defer-dst.qmp");
+    let _ = std::fs::remove_file(&dqmp);
+    let mut dst_args = guest_args(CPU, &[]);
+    for a in [
+        "-incoming".to_string(),
+        "defer".to_string(),
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", dqmp.display()),
+    ] {
+        dst_args.push(a);
+    }
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut dq = Qmp::connect(&dqmp);
+    let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
+    assert_eq!(
+        r["error"]["desc"], "'-incoming' was not specified on the command line",
+        "a second migrate-incoming: {r}"
+    );
+    let mut src = Source::start(CPU, "defer-src");
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let q = src.qmp.migrate(&format!("unix:{}", sock.display()));
+    assert_eq!(q["status"], "completed", "{q}");
+    let (_, out, _) = src.finish(true);
+    assert!(
+        !out.contains("SUMMARY:"),
+        "source finished too early:\n{out}"
+    );
+    let o = dst.join().expect("destination thread");
+    assert_guest_finished(&o);
+}
