@@ -119,6 +119,26 @@ static void test_busy_slot(void)
     report((rdmsr(HV_MSR_STIMER0_CONFIG) & HV_STIMER_ENABLE) == 0, "the redelivered one-shot is done");
 }
 
+/* A periodic timer that finds its slot busy drops the tick without msg_pending (KVM posts periodic ticks with
+ * no retry) and keeps running on its grid: ticks resume as soon as the slot is free, without an EOM. */
+static void test_periodic_busy(void)
+{
+    nticks = 0;
+    simp[0].type = 0x42;
+    simp[0].flags = 0;
+    stimer_count(2, 20000); /* 2 ms */
+    stimer_config(2, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_SINT(0));
+    quiet(15);
+    bool dropped = nticks == 0 && simp[0].type == 0x42 && !(simp[0].flags & HV_MSG_FLAG_PENDING);
+    simp[0].type = HVMSG_NONE;
+    bool resumed = wait_count(&nticks, 2, ms(500));
+    stimer_config(2, 0);
+    quiet(3);
+    report(dropped && resumed && ticks[1].expiration > ticks[0].expiration &&
+               (ticks[1].expiration - ticks[0].expiration) % 20000 == 0,
+           "periodic with a busy slot: ticks dropped without msg_pending, resume on the grid once the slot is free");
+}
+
 static void test_periodic(u64 tenths)
 {
     nticks = 0;
@@ -236,6 +256,7 @@ int main(void)
     test_auto_enable();
     test_busy_slot();
     test_direct();
+    test_periodic_busy();
     test_periodic(arg_u64("seconds", 10));
     return 0;
 }

@@ -23,6 +23,7 @@ fn stimers_message_and_direct_mode() {
             "direct one-shot clears enable",
             "direct periodic 2 ms: 10 interrupts, none before start + k * period",
             "direct auto-enable: COUNT write starts it",
+            "periodic with a busy slot: ticks dropped without msg_pending, resume on the grid",
             "periodic 1 ms: first expiration = start + period",
             "periodic 1 ms: every expiration = start + k * period",
             "periodic 1 ms: k strictly increasing",
