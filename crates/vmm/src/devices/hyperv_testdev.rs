@@ -22,6 +22,7 @@
 //! Without `-device hyperv-testdev` the port keeps the placeholder that ignores every write.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use hyperv::{Engine, EventConnection, MessageConnection, SynicError, VpId};
@@ -102,6 +103,8 @@ struct State {
 struct Inner {
     engine: OnceLock<Weak<HvEngine>>,
     state: Mutex<State>,
+    /// Echoes staged or about to be (see [`crate::hv::VmmPlatform::set_sint_ack_listener`]).
+    waiting: Arc<AtomicUsize>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -168,7 +171,9 @@ impl Inner {
             }
             CMD_MSG_CONN_DESTROY if st.msg_conns.remove(&c.conn).is_some() => {
                 engine.unregister_message_connection(u32::from(c.conn));
-                st.staged.remove(&c.conn);
+                if st.staged.remove(&c.conn).is_some() {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             CMD_EVT_CONN_CREATE => {
                 if let (Some(t), false) = (target(), st.evt_conns.contains_key(&c.conn)) {
@@ -229,8 +234,8 @@ impl Inner {
                 .staged
                 .get(&conn)
                 .is_some_and(|s| Inner::try_deliver(&engine, s));
-            if done {
-                st.staged.remove(&conn);
+            if done && st.staged.remove(&conn).is_some() {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -264,7 +269,11 @@ impl MessageConnection for MsgConn {
             message_type,
             payload: payload.to_vec(),
         };
-        if !Inner::try_deliver(&engine, &staged) {
+        // Counted before the attempt: an acknowledgement racing with a busy slot must not be missed.
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        if Inner::try_deliver(&engine, &staged) {
+            inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        } else {
             st.staged.insert(self.conn, staged);
         }
         hc::STATUS_SUCCESS
@@ -312,6 +321,7 @@ impl HypervTestDev {
         let inner = Arc::new(Inner {
             engine: OnceLock::new(),
             state: Mutex::new(State::default()),
+            waiting: Arc::new(AtomicUsize::new(0)),
         });
         (
             HypervTestDev {
@@ -330,13 +340,14 @@ impl HypervTestDevLink {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
-        engine
-            .platform()
-            .set_sint_ack_listener(Arc::new(move |vp: VpId, sints: u16| {
+        engine.platform().set_sint_ack_listener(
+            Arc::new(move |vp: VpId, sints: u16| {
                 if let Some(inner) = weak.upgrade() {
                     inner.acked(vp, sints);
                 }
-            }));
+            }),
+            self.inner.waiting.clone(),
+        );
     }
 }
 
@@ -361,6 +372,9 @@ impl PioDevice for HypervTestDev {
         // guest does not recreate them; drop the in-flight echoes and the exit latch, keep the table (the
         // engine's connection table is not reset either).
         let mut st = lock(&self.inner.state);
+        self.inner
+            .waiting
+            .fetch_sub(st.staged.len(), Ordering::SeqCst);
         st.staged.clear();
         st.latched = None;
     }

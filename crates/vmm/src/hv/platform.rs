@@ -1,7 +1,7 @@
 //! [`hyperv::Platform`] over the KVM machine.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyperv::{Event, MemError, Platform, TimerId, VpId, VpWork};
@@ -64,7 +64,9 @@ pub struct VmmPlatform {
     panics: AtomicU64,
     /// hv-vapic exit-less EOI state (see [`super::pveoi`]).
     pv_eoi: super::pveoi::PvEoi,
-    sint_ack: Mutex<Option<SintAckListener>>,
+    /// The listener and the number of staged messages it waits to retry (acknowledgements are forwarded only
+    /// while that is non-zero, so a VM without waiting messages pays nothing per EOI).
+    sint_ack: Mutex<Option<(SintAckListener, Arc<AtomicUsize>)>>,
 }
 
 /// The page frame numbers `[gpa, gpa + len)` touches (capped at 2^20 pages; the engine writes a few at once).
@@ -115,13 +117,15 @@ impl VmmPlatform {
         &self.pv_eoi
     }
 
-    /// Sets the listener told about SINT acknowledgements (replaces a previous one).
-    pub fn set_sint_ack_listener(&self, listener: SintAckListener) {
-        *lock(&self.sint_ack) = Some(listener);
+    /// Sets the listener told about SINT acknowledgements (replaces a previous one). `waiting` counts the
+    /// listener's staged messages: increment it before a post that may find its slot busy, decrement it when a
+    /// staged message is gone; acknowledgements are forwarded only while it is non-zero.
+    pub fn set_sint_ack_listener(&self, listener: SintAckListener, waiting: Arc<AtomicUsize>) {
+        *lock(&self.sint_ack) = Some((listener, waiting));
     }
 
     pub(crate) fn notify_sint_ack(&self, vp: VpId, sints: u16) {
-        let listener = lock(&self.sint_ack).clone();
+        let listener = lock(&self.sint_ack).as_ref().map(|(l, _)| l.clone());
         if let Some(l) = listener {
             l(vp, sints);
         }
@@ -338,7 +342,10 @@ impl Platform for VmmPlatform {
 
     fn sint_acked(&self, vp: VpId, sints: u16) {
         // Called with engine locks held: the listener runs later on the VP's own thread.
-        if lock(&self.sint_ack).is_some() {
+        let waiting = lock(&self.sint_ack)
+            .as_ref()
+            .is_some_and(|(_, w)| w.load(Ordering::SeqCst) > 0);
+        if waiting {
             self.queue(vp, Work::SintAck(sints));
         }
     }
