@@ -567,3 +567,60 @@ fn incoming_defer_then_migrate_incoming() {
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
+
+#[test]
+fn a_periodic_stimer_keeps_its_phase_across_migration() {
+    // guests/tests/migr_stimer.c: a 1 ms periodic timer in message mode over 4 s of reference time, migrated in
+    // the middle (over a Unix socket, 2 vCPUs). Every expiration must still be start + k * period with k
+    // strictly increasing, delivery >= expiration, and reference time never steps back.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cpu = "host,hv-vpindex,hv-synic,hv-time,hv-stimer,hv-stimer-direct";
+    let sock = scratch("stimer.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let args = |extra: &[&str]| {
+        let mut e = vec!["-cpu", cpu];
+        e.extend_from_slice(extra);
+        qemu_style_args(kernel("migr_stimer"), 2, Some("tenths=40"), &e)
+    };
+    let qsock = scratch("stimer.qmp");
+    let _ = std::fs::remove_file(&qsock);
+    let qspec = format!("unix:{},server=on,wait=off", qsock.display());
+    let child = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+        .args(args(&["-qmp", &qspec]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the source");
+    let mut src = Source {
+        child,
+        qmp: Qmp::connect(&qsock),
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    let dst_args = args(&["-incoming", &spec]);
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let q = src.qmp.migrate(&spec);
+    assert_eq!(q["status"], "completed", "{q}");
+    let (_, out, _) = src.finish(true);
+    assert!(
+        !out.contains("SUMMARY:"),
+        "the migration must happen during the periodic run:\n{out}"
+    );
+    let o = dst.join().expect("destination thread");
+    assert_passed_with(
+        &o,
+        &[
+            "periodic 1 ms: every expiration = start + k * period",
+            "periodic 1 ms: k strictly increasing",
+            "periodic 1 ms: delivery time >= expiration time",
+            "periodic 1 ms: the last message is for period",
+            "reference time never stepped back (0",
+        ],
+    );
+}

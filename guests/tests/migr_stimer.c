@@ -1,0 +1,102 @@
+/*
+ * Migration test: a 1 ms periodic synthetic timer in message mode runs for `tenths=N` tenths of a second of
+ * reference time (default 40) on the BSP while the test migrates the VM. Every message's expiration must be
+ * start + k * period with k strictly increasing (the timer keeps its phase), delivery >= expiration, reference
+ * time (TIME_REF_COUNT) never steps back, and the last message is for one of the final periods. Periods that
+ * fall inside the migration's downtime are skipped, as Hyper-V does for a late periodic timer; the count is
+ * reported.
+ */
+#include "rt.h"
+#include "synic.h"
+
+#define VEC_TIMER 0x90
+#define PERIOD 10000ul /* 1 ms in 100 ns units */
+#define MAX_TICKS 8192
+
+static struct hv_message *simp;
+static volatile u64 expirations[MAX_TICKS], deliveries[MAX_TICKS];
+static volatile u32 timers[MAX_TICKS];
+static volatile u32 nticks;
+
+static void timer_handler(struct regs *r)
+{
+    (void)r;
+    struct hv_message *m = &simp[0];
+    u32 n = nticks;
+    if (m->type == HVMSG_TIMER_EXPIRED && n < MAX_TICKS) {
+        const struct hv_timer_payload *p = (const struct hv_timer_payload *)m->payload;
+        timers[n] = p->timer;
+        expirations[n] = p->expiration;
+        deliveries[n] = p->delivery;
+        nticks = n + 1;
+    }
+    bool pending = m->flags & HV_MSG_FLAG_PENDING;
+    m->type = HVMSG_NONE;
+    if (pending)
+        wrmsr(HV_MSR_EOM, 0);
+    apic_eoi();
+}
+
+int main(void)
+{
+    u32 eax = hv_features_eax();
+    if (!(eax & HV_EAX_SYNIC) || !(eax & HV_EAX_SYNTIMERS) || !(eax & HV_EAX_TIME_REF_COUNT))
+        fail("needs hv-synic, hv-stimer and hv-time (features %x)", eax);
+    apic_init(apic_mode_from_cmdline());
+    simp = alloc_pages(1);
+    set_irq_handler(VEC_TIMER, timer_handler);
+    synic_enable(simp, 0);
+    synic_set_sint(0, VEC_TIMER, false);
+    u64 tenths = arg_u64("tenths", 40);
+    stimer_count(0, PERIOD);
+    u64 before = hv_ref_time(), prev = before, backwards = 0;
+    stimer_config(0, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_SINT(0));
+    u64 end = before + tenths * 1000000ul;
+    while (prev < end && nticks < MAX_TICKS) {
+        sti();
+        (void)inb(0x80); /* an exit, so a pending SINT is injected (see synic.h) */
+        cli();
+        u64 t = hv_ref_time();
+        if (t < prev)
+            backwards++;
+        prev = t;
+    }
+    stimer_config(0, 0);
+    u32 n = nticks;
+    report(n >= 2, "periodic 1 ms: %u messages", n);
+    if (n < 2)
+        return 0;
+    u64 start = expirations[0] - PERIOD;
+    u64 prev_k = 0, skipped = 0, bad_phase = 0, bad_k = 0, bad_delivery = 0, bad_timer = 0, max_late = 0;
+    for (u32 i = 0; i < n; i++) {
+        if (timers[i] != 0)
+            bad_timer++;
+        if (expirations[i] < start || (expirations[i] - start) % PERIOD) {
+            bad_phase++;
+            continue;
+        }
+        u64 k = (expirations[i] - start) / PERIOD;
+        if (i > 0) {
+            if (k <= prev_k)
+                bad_k++;
+            else
+                skipped += k - prev_k - 1;
+        }
+        prev_k = k;
+        if (deliveries[i] < expirations[i])
+            bad_delivery++;
+        else if (deliveries[i] - expirations[i] > max_late)
+            max_late = deliveries[i] - expirations[i];
+    }
+    report(start >= before && start <= before + 20000, "periodic 1 ms: first expiration = start + period");
+    report(!bad_phase && !bad_timer, "periodic 1 ms: every expiration = start + k * period (%u messages)", n);
+    report(!bad_k, "periodic 1 ms: k strictly increasing");
+    report(!bad_delivery, "periodic 1 ms: delivery time >= expiration time (max lateness %lu x 100 ns)", max_late);
+    report(backwards == 0, "reference time never stepped back (%lu backward steps)", backwards);
+    u64 elapsed = (prev - start) / PERIOD;
+    report(prev_k + 50 >= elapsed, "periodic 1 ms: the last message is for period %lu of %lu elapsed", prev_k,
+           elapsed);
+    report_info("periodic 1 ms over %lu.%lu s: %u messages, %lu periods skipped", tenths / 10, tenths % 10, n,
+                skipped);
+    return 0;
+}
