@@ -25,8 +25,9 @@
 //!                                 `timer_expired` as work for that vCPU and kicks it
 //!   run_on_vp/kick_vp           → per-vCPU work queue + VmHandle::kick; the vCPU runs it through
 //!                                 VcpuHook::run_work on its own thread before it next enters the guest
-//!   event(GuestPanicked)        → `warning: Guest crashed` + `warning: HV crash parameters: (...)` on stderr,
-//!                                 then VmHandle::guest_panicked(params, -action panic=): the life-cycle hook
+//!   event(GuestPanicked)        → `warning: Guest crashed` (+ `warning: HV crash parameters: (...)` with
+//!                                 hv-crash) on stderr, the optional PanicNotifier, then
+//!                                 VmHandle::guest_panicked(params, -action panic=): the life-cycle hook
 //!                                 (QMP GUEST_PANICKED) applies the action, or the machine does without one
 //!   event(ResetRequested)       → IoAction::Reset to the machine's main thread (system reset, or stop with
 //!                                 --no-reboot); the machine calls VcpuHook::vm_reset → Engine::reset
