@@ -84,6 +84,13 @@ impl Kicker {
     pub fn kick(&self) {
         let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = t.as_ref() {
+            // SAFETY: pthread_self has no preconditions.
+            if t.thread == unsafe { libc::pthread_self() } {
+                // The vCPU thread kicking itself (an exit handler delivering an interrupt to its own vCPU) is
+                // in userspace and re-checks its state before the next entry: an immediate exit would only
+                // cost a wasted KVM_RUN round trip.
+                return;
+            }
             // SAFETY: as in `set_immediate_exit`.
             unsafe { (*t.immediate_exit).store(1, Ordering::SeqCst) };
             // SAFETY: the thread id was published by a live thread that unpublishes before exiting (the lock
