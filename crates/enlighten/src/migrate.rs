@@ -105,6 +105,7 @@ struct Info {
     total_ms: u64,
     downtime_ms: u64,
     transferred: u64,
+    remaining: u64,
     pages: u64,
     zero_pages: u64,
     error: Option<String>,
@@ -229,7 +230,7 @@ impl MigrationControl {
             "total-time": i.start.map_or(i.total_ms, |s| s.elapsed().as_millis() as u64),
             "ram": {
                 "transferred": i.transferred,
-                "remaining": 0,
+                "remaining": i.remaining,
                 "total": self.config.ram_size,
                 "duplicate": i.zero_pages,
                 "normal": i.pages,
@@ -289,6 +290,7 @@ impl MigrationControl {
             Ok(stats) => {
                 i.status = "completed";
                 i.transferred = stats.bytes;
+                i.remaining = 0;
                 i.pages = stats.pages;
                 i.zero_pages = stats.zero_pages;
                 // The source stays stopped (QEMU's postmigrate).
@@ -308,7 +310,12 @@ impl MigrationControl {
     fn send(&self, uri: &Uri, paused: &Paused) -> Result<mvm::Stats, String> {
         let hv = self.hv.as_deref();
         let save = |w: Box<dyn Write>| -> Result<mvm::Stats, String> {
-            let mut progress = |_: u64, _: u64| {};
+            // RAM progress for query-migrate while the pass runs.
+            let mut progress = |done: u64, total: u64| {
+                let mut i = lock(&self.info);
+                i.transferred = done;
+                i.remaining = total.saturating_sub(done);
+            };
             mvm::save(paused, hv, &self.config, BufWriter::new(w), &mut progress)
                 .map(|(_, s)| s)
                 .map_err(|e| e.to_string())
