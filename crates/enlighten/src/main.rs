@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         Some("cpuid") => cpuid_cmd::main(&args[1..]),
         Some("host") => host_cmd::main(&args[1..]),
         Some("run") => run::main(args[1..].to_vec()),
+        Some("snapshot") => migrate::snapshot_main(&args[1..]),
+        Some("restore") => migrate::restore_main(&args[1..]),
         Some("help" | "-h" | "--help" | "-help") => {
             print!("{}", cli::TOP_LEVEL_HELP);
             ExitCode::SUCCESS

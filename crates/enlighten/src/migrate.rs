@@ -262,6 +262,7 @@ impl MigrationControl {
             *i = Info {
                 status: "active",
                 start: Some(Instant::now()),
+                remaining: self.config.ram_size,
                 ..Info::default()
             };
         }
@@ -517,6 +518,158 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
         .map_err(|e| format!("cannot start the incoming migration thread: {e}"))
 }
 
+/// `enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT FILE`: saves a running VM to FILE through its QMP socket
+/// (QMP `migrate` to `file:FILE`), with a progress bar on stderr. The VM stays paused afterwards.
+pub fn snapshot_main(args: &[String]) -> std::process::ExitCode {
+    match snapshot(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn snapshot(args: &[String]) -> Result<(), String> {
+    const USAGE: &str = "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT FILE";
+    let (qmp, file) = match args {
+        [o, q, f] if o.trim_start_matches('-') == "qmp" => (q.as_str(), f.as_str()),
+        _ => return Err(USAGE.to_string()),
+    };
+    let file = std::path::absolute(file).map_err(|e| format!("{file}: {e}"))?;
+    let stream: Box<dyn ReadWrite> = if let Some(p) = qmp.strip_prefix("unix:") {
+        let p = p.split(',').next().unwrap_or(p);
+        Box::new(
+            std::os::unix::net::UnixStream::connect(p)
+                .map_err(|e| format!("cannot connect to QMP at {p}: {e}"))?,
+        )
+    } else if let Some(a) = qmp.strip_prefix("tcp:") {
+        let a = a.split(',').next().unwrap_or(a);
+        Box::new(
+            std::net::TcpStream::connect(a)
+                .map_err(|e| format!("cannot connect to QMP at {a}: {e}"))?,
+        )
+    } else {
+        return Err(USAGE.to_string());
+    };
+    let mut c = QmpClient::new(stream)?;
+    c.call("qmp_capabilities", json!({}))?;
+    c.call(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )?;
+    let start = Instant::now();
+    loop {
+        let q = c.call("query-migrate", json!({}))?;
+        let status = q["status"].as_str().unwrap_or("");
+        let total = q["ram"]["total"].as_u64().unwrap_or(0);
+        let done = if status == "completed" {
+            total
+        } else {
+            total.saturating_sub(q["ram"]["remaining"].as_u64().unwrap_or(total))
+        };
+        eprint!("\r{}", progress_bar(done, total));
+        match status {
+            "completed" => {
+                eprintln!(
+                    "\nsnapshot written to {} ({} bytes, {} ms)",
+                    file.display(),
+                    q["ram"]["transferred"],
+                    start.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            "failed" => {
+                eprintln!();
+                return Err(format!(
+                    "snapshot failed: {}",
+                    q["error-desc"].as_str().unwrap_or("unknown error")
+                ));
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `enlighten restore FILE [run options]`: `run` with `-incoming file:FILE`.
+pub fn restore_main(args: &[String]) -> std::process::ExitCode {
+    let Some((file, rest)) = args.split_first() else {
+        eprintln!("error: usage: enlighten restore FILE [run options]");
+        return std::process::ExitCode::from(1);
+    };
+    let mut run_args = rest.to_vec();
+    run_args.push("-incoming".to_string());
+    run_args.push(format!("file:{file}"));
+    crate::run::main(run_args)
+}
+
+/// `[#####.....]  40% 51/128 MiB`.
+pub fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let pct = (done.saturating_mul(100))
+        .checked_div(total)
+        .unwrap_or(100)
+        .min(100);
+    let filled = (pct * WIDTH / 100) as usize;
+    format!(
+        "[{}{}] {pct:3}% {}/{} MiB",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        done >> 20,
+        total >> 20
+    )
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+/// A minimal QMP client (JSON lines) for `enlighten snapshot`.
+struct QmpClient {
+    reader: BufReader<Box<dyn ReadWrite>>,
+}
+
+impl QmpClient {
+    fn new(stream: Box<dyn ReadWrite>) -> Result<QmpClient, String> {
+        let mut c = QmpClient {
+            reader: BufReader::new(stream),
+        };
+        let greeting = c.line()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP server (greeting {greeting})"));
+        }
+        Ok(c)
+    }
+
+    fn line(&mut self) -> Result<Value, String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        let n = self
+            .reader
+            .read_line(&mut l)
+            .map_err(|e| format!("QMP read: {e}"))?;
+        if n == 0 {
+            return Err("the QMP connection closed".to_string());
+        }
+        serde_json::from_str(&l).map_err(|e| format!("bad QMP reply {l:?}: {e}"))
+    }
+
+    /// Sends a command and returns its `return` value, or the error's description.
+    fn call(&mut self, name: &str, args: Value) -> Result<Value, String> {
+        let msg = json!({"execute": name, "arguments": args});
+        let w = self.reader.get_mut();
+        writeln!(w, "{msg}").map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(e["desc"].as_str().unwrap_or("QMP error").to_string());
+            }
+        }
+    }
+}
+
 /// Reads the destination's verdict.
 fn wait_verdict(mut r: impl Read) -> Result<(), String> {
     let mut b = [0u8; 1];
@@ -592,6 +745,36 @@ mod tests {
             "TSC frequency mismatch between VM (1000000 kHz) and host (2000000 kHz), and TSC scaling \
              unavailable"
         );
+    }
+
+    #[test]
+    fn progress_bars() {
+        let cases: &[(u64, u64, &str)] = &[
+            (
+                0,
+                128 << 20,
+                "[..............................]   0% 0/128 MiB",
+            ),
+            (
+                64 << 20,
+                128 << 20,
+                "[###############...............]  50% 64/128 MiB",
+            ),
+            (
+                128 << 20,
+                128 << 20,
+                "[##############################] 100% 128/128 MiB",
+            ),
+            (0, 0, "[##############################] 100% 0/0 MiB"),
+            (
+                u64::MAX,
+                1,
+                "[##############################] 100% 17592186044415/0 MiB",
+            ),
+        ];
+        for (done, total, bar) in cases {
+            assert_eq!(progress_bar(*done, *total), *bar, "{done}/{total}");
+        }
     }
 
     #[test]

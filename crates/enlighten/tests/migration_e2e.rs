@@ -624,3 +624,39 @@ fn a_periodic_stimer_keeps_its_phase_across_migration() {
         ],
     );
 }
+
+#[test]
+fn cli_snapshot_and_restore() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let file = scratch("cli.snap");
+    let src = Source::start(CPU, "cli");
+    std::thread::sleep(Duration::from_millis(1200));
+    let qmp = format!("unix:{}", scratch("cli.qmp").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+        .args(["snapshot", "-qmp", &qmp])
+        .arg(&file)
+        .output()
+        .expect("run enlighten snapshot");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("100% 128/128 MiB") && err.contains("snapshot written to"),
+        "{err}"
+    );
+    let (_, sout, _) = src.finish(true);
+    assert!(
+        !sout.contains("SUMMARY:"),
+        "source finished too early:\n{sout}"
+    );
+    let mut args = vec!["restore".to_string(), file.display().to_string()];
+    args.extend(guest_args(CPU, &[]));
+    let o = run_raw(&args);
+    assert_guest_finished(&o);
+    let bad = run_raw(&["snapshot".to_string()]);
+    assert_eq!(bad.status, Some(1));
+    assert!(
+        bad.stderr.contains("usage: enlighten snapshot"),
+        "{}",
+        bad.describe()
+    );
+}
