@@ -660,3 +660,146 @@ fn cli_snapshot_and_restore() {
         bad.describe()
     );
 }
+
+/// Two network namespaces joined by a veth pair, as two hosts (10.77.P.1 and 10.77.P.2); removed on drop.
+struct TwoHosts {
+    a: String,
+    b: String,
+}
+
+impl TwoHosts {
+    fn new() -> Result<TwoHosts, String> {
+        let tag = std::process::id() % 250;
+        let h = TwoHosts {
+            a: format!("enl-migr-a-{}", std::process::id()),
+            b: format!("enl-migr-b-{}", std::process::id()),
+        };
+        let va = format!("emva{tag}");
+        let vb = format!("emvb{tag}");
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        ip(&["netns", "add", &h.a])?;
+        ip(&["netns", "add", &h.b])?;
+        ip(&[
+            "link", "add", &va, "netns", &h.a, "type", "veth", "peer", "name", &vb, "netns", &h.b,
+        ])?;
+        let addr_a = format!("10.77.{tag}.1/24");
+        let addr_b = format!("10.77.{tag}.2/24");
+        ip(&["-n", &h.a, "addr", "add", &addr_a, "dev", &va])?;
+        ip(&["-n", &h.b, "addr", "add", &addr_b, "dev", &vb])?;
+        for (ns, dev) in [(&h.a, &va), (&h.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(h)
+    }
+
+    fn addr_b(&self) -> String {
+        format!("10.77.{}.2", std::process::id() % 250)
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn live_migration_over_tcp_between_two_network_namespaces() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let hosts = TwoHosts::new().unwrap_or_else(|e| {
+        panic!("cannot set up two network namespaces (needs root and iproute2): {e}")
+    });
+    let spec = format!("tcp:{}:4444", hosts.addr_b());
+    // Destination on "host B" (it is killed after 60 s if nobody connects).
+    let mut dst_args = vec![
+        "netns".to_string(),
+        "exec".to_string(),
+        hosts.b.clone(),
+        // Never outlive the test, even when the migration fails and nobody connects.
+        "timeout".to_string(),
+        "60".to_string(),
+        env!("CARGO_BIN_EXE_enlighten").to_string(),
+    ];
+    dst_args.extend(guest_args(CPU, &["-incoming", &spec]));
+    let dst = std::thread::spawn(move || {
+        let out = Command::new("ip")
+            .args(&dst_args)
+            .output()
+            .expect("run the destination");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    });
+    // Source on "host A" (its QMP socket is a file, shared by both namespaces).
+    let sock = scratch("netns.qmp");
+    let _ = std::fs::remove_file(&sock);
+    let qspec = format!("unix:{},server=on,wait=off", sock.display());
+    let mut src_args = vec![
+        "netns".to_string(),
+        "exec".to_string(),
+        hosts.a.clone(),
+        env!("CARGO_BIN_EXE_enlighten").to_string(),
+    ];
+    src_args.extend(guest_args(CPU, &["-qmp", &qspec]));
+    let child = Command::new("ip")
+        .args(&src_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the source");
+    let mut src = Source {
+        child,
+        qmp: Qmp::connect(&sock),
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    let mut q = Value::Null;
+    for _ in 0..50 {
+        q = src.qmp.migrate(&spec);
+        let refused = q["status"] == "failed"
+            && q["error-desc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Failed to connect");
+        if !refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(q["status"], "completed", "{q}");
+    let (_, out, _) = src.finish(true);
+    assert!(
+        !out.contains("SUMMARY:"),
+        "source finished too early:\n{out}"
+    );
+    let (status, stdout, stderr) = dst.join().expect("destination thread");
+    let o = Outcome {
+        command: "ip netns exec B enlighten -incoming tcp:...".into(),
+        status,
+        stdout,
+        stderr,
+        timed_out: false,
+        elapsed: Duration::ZERO,
+    };
+    assert_guest_finished(&o);
+    drop(hosts);
+}
