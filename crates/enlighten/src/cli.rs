@@ -11,12 +11,16 @@ Usage:
   enlighten [run] [OPTIONS]         boot a guest (the built-in demo guest when no -kernel is given)
   enlighten cpuid -cpu SPEC [--json] print the hypervisor CPUID leaves (0x40000000 and up) for SPEC
   enlighten host [--json]           report this host's KVM: capabilities, Hyper-V support, userspace mode
+  enlighten snapshot -qmp SOCK FILE save a running VM (started with -qmp) to FILE, with progress
+  enlighten restore FILE [OPTIONS] run a VM from FILE (same as OPTIONS plus -incoming file:FILE)
   enlighten help | --version
 
 Run options follow QEMU's spelling (see `enlighten run --help` and docs/cli.md):
   -kernel FILE -append STR -initrd FILE[,FILE] -smp N -m SIZE -cpu MODEL[,FEATURE...]
   -serial stdio|file:PATH|none -device isa-debug-exit,iobase=0xf4,iosize=0x4 -device hyperv-testdev
-  --no-reboot ... (QEMU no-ops such as -nodefaults, -display none, -machine accel=kvm are accepted)
+  --no-reboot -action panic=shutdown|pause|none|exit-failure -qmp unix:PATH,server=on,wait=off -S
+  -name NAME -incoming file:PATH|unix:PATH|tcp:HOST:PORT|exec:CMD|defer
+  (QEMU no-ops such as -nodefaults, -display none, -machine accel=kvm are accepted)
 ";
 
 /// The process arguments after the program name, as UTF-8 strings.
