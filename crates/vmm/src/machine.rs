@@ -200,8 +200,12 @@ impl Default for VmConfig {
     }
 }
 
-/// Largest vCPU count accepted (xAPIC physical IDs are 8 bits and 0xFF is the broadcast ID).
-pub const MAX_VCPUS: u32 = 255;
+/// Largest vCPU count accepted: KVM's `KVM_CAP_MAX_VCPUS` on the project's hosts. Above
+/// [`MAX_XAPIC_VCPUS`] the guest must be able to use x2APIC.
+pub const MAX_VCPUS: u32 = 1024;
+
+/// Largest vCPU count without x2APIC: xAPIC physical IDs are 8 bits and 0xFF is the broadcast ID.
+pub const MAX_XAPIC_VCPUS: u32 = 255;
 
 /// Errors creating or running the machine.
 #[derive(Debug, Error)]
@@ -832,6 +836,13 @@ impl Machine {
             )));
         }
         let kvm = crate::host::open_kvm().map_err(|e| VmError::Kvm(e.to_string()))?;
+        let kvm_max = kvm.get_max_vcpus();
+        if cfg.vcpus as usize > kvm_max {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested, but this host's KVM allows at most {kvm_max}",
+                cfg.vcpus
+            )));
+        }
         for (cap, name) in [
             (
                 kvm_ioctls::Cap::X86UserSpaceMsr,
@@ -895,6 +906,13 @@ impl Machine {
                 (t, cfg.x2apic)
             }
         };
+        if cfg.vcpus > MAX_XAPIC_VCPUS && !x2apic {
+            return Err(VmError::Config(format!(
+                "{} vCPUs need x2APIC (APIC ID 255 is the xAPIC broadcast ID): use a -cpu with x2apic \
+                 (e.g. add +x2apic) or at most {MAX_XAPIC_VCPUS} vCPUs",
+                cfg.vcpus
+            )));
+        }
         cpu::ensure_topology_leaves(&mut table);
         let phys_bits = table
             .iter()
@@ -920,14 +938,20 @@ impl Machine {
         let tsc_khz = fds[0].get_tsc_khz().map_err(setup("KVM_GET_TSC_KHZ"))?;
 
         // Identical TSCs: one explicit offset for every vCPU (plus a spare one for the probe), then measure
-        // what the guest really reads: some KVMs ignore the offset.
-        let mut probe_fd = vm
-            .create_vcpu(u64::from(cfg.vcpus))
-            .map_err(setup("KVM_CREATE_VCPU (TSC probe)"))?;
+        // what the guest really reads: some KVMs ignore the offset. At KVM's vCPU limit there is no room for a
+        // spare, so the last vCPU (an AP, which starts from a SIPI) runs the probe and gets its state back.
+        let mut spare_fd = if (cfg.vcpus as usize) < kvm_max {
+            Some(
+                vm.create_vcpu(u64::from(cfg.vcpus))
+                    .map_err(setup("KVM_CREATE_VCPU (TSC probe)"))?,
+            )
+        } else {
+            None
+        };
         let offset = 0u64.wrapping_sub(host_tsc());
         let offset_attr_ok = fds
             .iter()
-            .chain(std::iter::once(&probe_fd))
+            .chain(spare_fd.iter())
             .all(|fd| vcpu::set_tsc_offset(fd, offset).is_ok());
         if !offset_attr_ok {
             vcpu::sync_tsc_with_msrs(&fds).map_err(|e| VmError::Setup {
@@ -935,14 +959,25 @@ impl Machine {
                 err: e,
             })?;
         }
-        let tsc_offset =
-            vcpu::probe_tsc_offset(&mut probe_fd, &mem, &[offset, 0]).map_err(|e| {
-                VmError::Setup {
-                    what: "TSC probe",
-                    err: e,
-                }
-            })?;
-        drop(probe_fd);
+        let probe_err = |e| VmError::Setup {
+            what: "TSC probe",
+            err: e,
+        };
+        let tsc_offset = match spare_fd.as_mut() {
+            Some(fd) => vcpu::probe_tsc_offset(fd, &mem, &[offset, 0]).map_err(probe_err)?,
+            None => {
+                let fd = fds
+                    .last_mut()
+                    .ok_or_else(|| VmError::Config("no vCPUs".to_string()))?;
+                let regs = fd.get_regs().map_err(setup("KVM_GET_REGS"))?;
+                let sregs = fd.get_sregs().map_err(setup("KVM_GET_SREGS"))?;
+                let probed = vcpu::probe_tsc_offset(fd, &mem, &[offset, 0]).map_err(probe_err)?;
+                fd.set_sregs(&sregs).map_err(setup("KVM_SET_SREGS"))?;
+                fd.set_regs(&regs).map_err(setup("KVM_SET_REGS"))?;
+                probed
+            }
+        };
+        drop(spare_fd);
         // Guest TSC writes can be honoured only when the offset really applies (within 1 ms of slack).
         let tsc_offset_attr = offset_attr_ok
             && (tsc_offset.wrapping_sub(offset) as i64).unsigned_abs() < u64::from(tsc_khz);
