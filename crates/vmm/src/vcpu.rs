@@ -784,7 +784,14 @@ impl Ctx {
                     let result = {
                         let fd_ref: &VcpuFd = fd;
                         let mut xmm = || read_xmm0_5(fd_ref);
-                        hook.pio_write_full(index, port, data.as_slice(), &mut regs, &sregs, &mut xmm)
+                        hook.pio_write_full(
+                            index,
+                            port,
+                            data.as_slice(),
+                            &mut regs,
+                            &sregs,
+                            &mut xmm,
+                        )
                     };
                     match result {
                         PortResult::Unchanged => {}

@@ -23,9 +23,9 @@ pub use fw_cfg::{
     FwCfg, FW_CFG_DATA_PORT, FW_CFG_FILE_DIR, FW_CFG_ID, FW_CFG_KERNEL_DATA, FW_CFG_MAX_CPUS,
     FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SELECTOR_PORT, FW_CFG_SIGNATURE,
 };
+pub use hyperv_testdev::{HypervTestDev, HypervTestDevLink};
 pub use pic::{Pic, PIC_MASTER_PORT, PIC_SLAVE_PORT};
 pub use serial::{NoopTrigger, SerialDevice, SerialSink, COM1_PORT};
-pub use hyperv_testdev::{HypervTestDev, HypervTestDevLink};
 pub use testdev::{HypervTestDevPlaceholder, HYPERV_TESTDEV_PORT};
 
 /// What the VMM must do after a device access.
