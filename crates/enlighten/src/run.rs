@@ -123,14 +123,13 @@ pub fn parse_smp(spec: &str) -> Result<u32, String> {
     };
     let mut cpus = None;
     let mut product: Option<u32> = None;
+    let mut maxcpus = None;
     for (i, item) in spec.split(',').enumerate() {
         match item.split_once('=') {
             None if i == 0 => cpus = Some(num(item)?),
             None => return Err(bad()),
             Some(("cpus", v)) => cpus = Some(num(v)?),
-            Some(("maxcpus", v)) => {
-                num(v)?;
-            }
+            Some(("maxcpus", v)) => maxcpus = Some(num(v)?),
             Some(("sockets" | "dies" | "clusters" | "cores" | "threads", v)) => {
                 let n = num(v)?;
                 product = Some(product.unwrap_or(1).checked_mul(n).ok_or_else(bad)?);
@@ -143,6 +142,12 @@ pub fn parse_smp(spec: &str) -> Result<u32, String> {
         }
     }
     let n = cpus.or(product).ok_or_else(bad)?;
+    if let Some(max) = maxcpus.filter(|&m| m < n) {
+        // QEMU's wording.
+        return Err(format!(
+            "Invalid CPU topology: maxcpus must be equal to or greater than smp: {n} > {max}"
+        ));
+    }
     if n > vmm::machine::MAX_VCPUS {
         return Err(format!(
             "-smp {n} is more than the {} vCPUs enlighten supports",
@@ -605,7 +610,10 @@ mod tests {
             ("x", None),
             ("cpus=", None),
             ("4,foo=1", None),
-            ("256", None),
+            ("256", Some(256)),
+            ("1024", Some(1024)),
+            ("1025", None),
+            ("4,maxcpus=2", None),
             ("", None),
         ];
         for (spec, expected) in cases {
