@@ -2,7 +2,9 @@
  * Reference time on every vCPU at once: each CPU interleaves reference-TSC-page reads at CPL 3 (native, no exit)
  * with page / TIME_REF_COUNT / page triples at CPL 0. Checks: no backwards step on any CPU, page <= MSR <= page,
  * the sequence is never 0 or 0xFFFFFFFF, and reference time advances at 10 MHz against the TSC.
- * Arguments: `rounds=N` (default 500), `reads=N` CPL-3 reads per round (default 2000).
+ * Arguments: `rounds=N` (default 500), `reads=N` CPL-3 reads per round (default 2000), `min_ms=N`: keep going
+ * after `rounds` until N ms of reference time have passed (default 0), so that a run lasts long enough
+ * whatever the host's speed (the migration tests migrate it mid-run).
  */
 #include "rt.h"
 #include "hv.h"
@@ -31,12 +33,14 @@ static u64 user_reads(u64 start)
     return prev;
 }
 
+static u64 min_ref; /* 100 ns units; 0 = just `rounds` */
+
 static void worker(void *arg)
 {
     u64 rounds = (u64)arg;
     struct cpu_result *r = &results[smp_id()];
     u64 last = 0;
-    for (u64 i = 0; i < rounds; i++) {
+    for (u64 i = 0; i < rounds || (min_ref && last - r->first < min_ref); i++) {
         u64 u = run_user(user_reads, last);
         if (u == 0)
             r->backwards++;
@@ -83,6 +87,7 @@ int main(void)
            page->sequence);
     u64 rounds = arg_u64("rounds", 500);
     reads_per_round = arg_u64("reads", 2000);
+    min_ref = arg_u64("min_ms", 0) * 10000;
     u32 n = nr_cpus();
     u64 tsc0 = rdtsc(), ref0 = rdmsr(HV_MSR_TIME_REF_COUNT);
     for (u32 cpu = 1; cpu < n; cpu++)
@@ -94,7 +99,7 @@ int main(void)
     u64 tsc1 = rdtsc(), ref1 = rdmsr(HV_MSR_TIME_REF_COUNT);
     for (u32 cpu = 0; cpu < n; cpu++) {
         struct cpu_result *r = &results[cpu];
-        report(r->rounds == rounds, "CPU %u ran %lu rounds (%lu CPL-3 page reads)", cpu, r->rounds, r->user_reads);
+        report(r->rounds >= rounds, "CPU %u ran %lu rounds (%lu CPL-3 page reads)", cpu, r->rounds, r->user_reads);
         report(r->backwards == 0, "CPU %u: reference time never stepped back (%lu backward steps)", cpu,
                r->backwards);
         report(r->order_errors == 0, "CPU %u: page <= TIME_REF_COUNT <= page in every round (%lu errors; first %lu %lu %lu)",
