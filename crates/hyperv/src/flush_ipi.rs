@@ -171,7 +171,7 @@ enum Targets {
 
 impl<P: Platform> Engine<P> {
     /// Resolves a target set to vCPUs: every vCPU for [`Targets::All`]; for a sparse set the vCPUs whose VP index
-    /// is in the set, in ascending VP-index order, ignoring indexes that name no vCPU.
+    /// is in the set, in ascending vCPU (`VpId`) order, ignoring indexes that name no vCPU.
     fn resolve_targets(&self, targets: &Targets) -> Vec<VpId> {
         match targets {
             Targets::All => (0..self.vp_count() as u32).map(VpId).collect(),
@@ -185,6 +185,8 @@ impl<P: Platform> Engine<P> {
                         out.push(vp);
                     }
                 });
+                // VP indexes need not follow vCPU order; the platform contract is ascending VpId.
+                out.sort_unstable();
                 out
             }
         }
