@@ -14,6 +14,8 @@ pub mod loader;
 pub mod machine;
 pub mod migration;
 pub mod platform;
+#[cfg(test)]
+mod test_support;
 pub mod timer;
 pub mod tlbflush;
 mod vcpu;

@@ -308,30 +308,9 @@ impl VcpuHook for HvVcpuHook {
 mod tests {
     use super::*;
 
-    use crate::boot::{BootEntry, EntryMode};
-    use crate::layout::MemoryLayout;
-    use crate::machine::{BootLoader, IoAction, IoDevices, VmConfig};
-    use vm_memory::GuestMemoryMmap;
+    use crate::machine::VmConfig;
 
-    struct NoKernel;
-    impl BootLoader for NoKernel {
-        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
-            Ok(BootEntry {
-                mode: EntryMode::Protected32,
-                entry: 0x10_0000,
-                mbi: 0,
-            })
-        }
-    }
-    struct NoDevices;
-    impl IoDevices for NoDevices {
-        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
-            data.fill(0xFF);
-        }
-        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
-            IoAction::None
-        }
-    }
+    use crate::test_support::{NoDevices, NoKernel};
 
     fn entry(function: u32, eax: u32) -> CpuidEntry {
         CpuidEntry {

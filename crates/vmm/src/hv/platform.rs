@@ -448,10 +448,7 @@ impl Platform for VmmPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::{BootEntry, EntryMode};
-    use crate::layout::MemoryLayout;
-    use crate::machine::{BootLoader, IoDevices, Machine, VmConfig};
-    use vm_memory::GuestMemoryMmap;
+    use crate::machine::{Machine, VmConfig};
 
     #[test]
     fn dirty_page_ranges() {
@@ -472,25 +469,7 @@ mod tests {
         assert_eq!(dirty_pfns(0, u64::MAX).count(), (1 << 20) + 1);
     }
 
-    struct NoKernel;
-    impl BootLoader for NoKernel {
-        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
-            Ok(BootEntry {
-                mode: EntryMode::Protected32,
-                entry: 0x10_0000,
-                mbi: 0,
-            })
-        }
-    }
-    struct NoDevices;
-    impl IoDevices for NoDevices {
-        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
-            data.fill(0xFF);
-        }
-        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
-            IoAction::None
-        }
-    }
+    use crate::test_support::{NoDevices, NoKernel};
 
     /// A real (never started) KVM machine with 2 vCPUs and 16 MiB of RAM, or `None` without /dev/kvm.
     fn platform() -> Option<(Machine, VmmPlatform)> {

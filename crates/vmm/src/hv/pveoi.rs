@@ -149,31 +149,10 @@ impl PvEoi {
 mod tests {
     use super::*;
     use crate::apic::ApicConfig;
-    use crate::boot::{BootEntry, EntryMode};
-    use crate::layout::MemoryLayout;
-    use crate::machine::{BootLoader, IoAction, IoDevices, Machine, VmConfig};
+    use crate::machine::{Machine, VmConfig};
     use std::sync::Arc;
-    use vm_memory::GuestMemoryMmap;
 
-    struct NoKernel;
-    impl BootLoader for NoKernel {
-        fn load(&self, _: &GuestMemoryMmap, _: &MemoryLayout) -> Result<BootEntry, String> {
-            Ok(BootEntry {
-                mode: EntryMode::Protected32,
-                entry: 0x10_0000,
-                mbi: 0,
-            })
-        }
-    }
-    struct NoDevices;
-    impl IoDevices for NoDevices {
-        fn pio_read(&self, _: usize, _: u16, data: &mut [u8]) {
-            data.fill(0xFF);
-        }
-        fn pio_write(&self, _: usize, _: u16, _: &[u8]) -> IoAction {
-            IoAction::None
-        }
-    }
+    use crate::test_support::{NoDevices, NoKernel};
 
     fn enabled_apic() -> LocalApic {
         let mut a = LocalApic::new(0, ApicConfig::default());
