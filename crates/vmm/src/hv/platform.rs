@@ -294,6 +294,15 @@ impl Platform for VmmPlatform {
         });
     }
 
+    fn deliver_interrupt_set(&self, vps: &[VpId], vector: u8) {
+        // Fixed interrupts from the IPI hypercalls: accepted into each IRR and the receiver woken or kicked, with
+        // no timer re-arm per target, and the vector's auto-EOI setting left alone (KVM's auto-EOI is per vector:
+        // an IPI on a SINT's auto-EOI vector is auto-EOI'd there too).
+        for vp in vps {
+            self.handle.deliver_fixed(vp.index(), vector, false);
+        }
+    }
+
     fn pv_eoi_page_changed(&self, vp: VpId, gpa: Option<u64>) {
         self.pv_eoi.set_page(
             vp.index(),
