@@ -321,6 +321,21 @@ impl MigrationControl {
                 .map(|(_, s)| s)
                 .map_err(|e| e.to_string())
         };
+        // Socket transports: the stream goes out on one end, the destination's verdict comes back on a clone.
+        let over_socket = |s: Box<dyn Write>, r: Box<dyn Read>| -> Result<mvm::Stats, String> {
+            let stats = match save(s) {
+                Ok(stats) => stats,
+                // A destination that refused the stream early said why before it closed.
+                Err(e) => {
+                    return Err(match wait_verdict(r) {
+                        Err(v) if v.starts_with("the destination refused") => v,
+                        _ => e,
+                    })
+                }
+            };
+            wait_verdict(r)?;
+            Ok(stats)
+        };
         match uri {
             Uri::File(p) => {
                 let f =
@@ -350,39 +365,17 @@ impl MigrationControl {
                 let s = std::os::unix::net::UnixStream::connect(p)
                     .map_err(|e| format!("Failed to connect to '{p}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
-                let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(60)));
-                let _ = r.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-                let stats = match save(Box::new(s)) {
-                    Ok(stats) => stats,
-                    // A destination that refused the stream early said why before it closed.
-                    Err(e) => {
-                        return Err(match wait_verdict(r) {
-                            Err(v) if v.starts_with("the destination refused") => v,
-                            _ => e,
-                        })
-                    }
-                };
-                wait_verdict(r)?;
-                Ok(stats)
+                let _ = s.set_write_timeout(Some(SOCKET_TIMEOUT));
+                let _ = r.set_read_timeout(Some(SOCKET_TIMEOUT));
+                over_socket(Box::new(s), Box::new(r))
             }
             Uri::Tcp(a) => {
                 let s = std::net::TcpStream::connect(a)
                     .map_err(|e| format!("Failed to connect to '{a}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
-                let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(60)));
-                let _ = r.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-                let stats = match save(Box::new(s)) {
-                    Ok(stats) => stats,
-                    // A destination that refused the stream early said why before it closed.
-                    Err(e) => {
-                        return Err(match wait_verdict(r) {
-                            Err(v) if v.starts_with("the destination refused") => v,
-                            _ => e,
-                        })
-                    }
-                };
-                wait_verdict(r)?;
-                Ok(stats)
+                let _ = s.set_write_timeout(Some(SOCKET_TIMEOUT));
+                let _ = r.set_read_timeout(Some(SOCKET_TIMEOUT));
+                over_socket(Box::new(s), Box::new(r))
             }
             Uri::Defer => Err("'defer' is not an outgoing migration URI".to_string()),
         }
@@ -671,6 +664,9 @@ impl QmpClient {
 }
 
 /// Reads the destination's verdict.
+/// Read/write timeout of the migration sockets on the source.
+const SOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn wait_verdict(mut r: impl Read) -> Result<(), String> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)
