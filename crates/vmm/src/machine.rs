@@ -1203,13 +1203,18 @@ impl Machine {
     }
 
     fn event_loop(&mut self) -> Outcome {
+        // An event taken out of the channel while a deadlock report was being checked.
+        let mut pending: Option<VmEvent> = None;
         loop {
             if self.shared.stopping() {
                 return Outcome::Cancelled;
             }
-            let ev = match self.events.recv() {
-                Ok(ev) => ev,
-                Err(_) => return Outcome::Error("the VM event channel closed".to_string()),
+            let ev = match pending.take() {
+                Some(ev) => ev,
+                None => match self.events.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => return Outcome::Error("the VM event channel closed".to_string()),
+                },
             };
             tracing::debug!(?ev, "vm event");
             match ev {
@@ -1255,6 +1260,12 @@ impl Machine {
                     let paused = handle.pause_all();
                     let stuck = self.shared.all_stuck_ignoring_pause();
                     drop(paused);
+                    // Anything a vCPU sent before it went quiet (a debug-exit, a reset) comes first: the
+                    // deadlock report may be stale (e.g. sent before a reset the loop has just done).
+                    if let Ok(other) = self.events.try_recv() {
+                        pending = Some(other);
+                        continue;
+                    }
                     if stuck {
                         return Outcome::Error(
                             "every vCPU is halted with interrupts disabled and nothing can wake it; the \
