@@ -92,6 +92,25 @@ impl Qmp {
         }
     }
 
+    /// [`Qmp::migrate`] to a TCP destination that may not listen yet: a refused connection fails the migration
+    /// and the source resumes, so try again (a probe connection would take the destination's only accept).
+    fn migrate_when_listening(&mut self, uri: &str) -> Value {
+        let mut q = Value::Null;
+        for _ in 0..50 {
+            q = self.migrate(uri);
+            let refused = q["status"] == "failed"
+                && q["error-desc"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Failed to connect");
+            if !refused {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        q
+    }
+
     /// `migrate` then polls `query-migrate` until it ends; returns the final query reply.
     fn migrate(&mut self, uri: &str) -> Value {
         let r = self.cmd("migrate", json!({ "uri": uri }));
@@ -462,21 +481,7 @@ fn live_migration_over_tcp() {
     let dst = std::thread::spawn(move || run_raw(&dst_args));
     let mut src = Source::start(CPU, "tcp");
     std::thread::sleep(Duration::from_millis(800));
-    // The destination may not listen yet: a refused connection fails the migration and the source resumes,
-    // so try again (a probe connection would take the destination's only accept).
-    let mut q = Value::Null;
-    for _ in 0..50 {
-        q = src.qmp.migrate(&spec);
-        let refused = q["status"] == "failed"
-            && q["error-desc"]
-                .as_str()
-                .unwrap_or("")
-                .contains("Failed to connect");
-        if !refused {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let q = src.qmp.migrate_when_listening(&spec);
     assert_eq!(q["status"], "completed", "{q}");
     let (_, out, _) = src.finish(true);
     assert!(
@@ -774,19 +779,7 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
         qmp: Qmp::connect(&sock),
     };
     std::thread::sleep(Duration::from_millis(800));
-    let mut q = Value::Null;
-    for _ in 0..50 {
-        q = src.qmp.migrate(&spec);
-        let refused = q["status"] == "failed"
-            && q["error-desc"]
-                .as_str()
-                .unwrap_or("")
-                .contains("Failed to connect");
-        if !refused {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let q = src.qmp.migrate_when_listening(&spec);
     assert_eq!(q["status"], "completed", "{q}");
     let (_, out, _) = src.finish(true);
     assert!(
