@@ -150,8 +150,6 @@ pub mod stats {
     pub static MESSAGES_POSTED: AtomicU64 = AtomicU64::new(0);
     pub static RESETS: AtomicU64 = AtomicU64::new(0);
     pub static FLUSHES: AtomicU64 = AtomicU64::new(0);
-    /// `deliver_interrupt_set` called with VPs not in ascending order (a reported engine finding).
-    pub static IPI_SET_UNSORTED: AtomicU64 = AtomicU64::new(0);
 
     pub(crate) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
@@ -159,7 +157,7 @@ pub mod stats {
 
     /// A snapshot, by name.
     pub fn snapshot() -> Vec<(&'static str, u64)> {
-        let all: [(&'static str, &AtomicU64); 12] = [
+        let all: [(&'static str, &AtomicU64); 11] = [
             ("msr_writes_ok", &MSR_WRITES_OK),
             ("msr_reads_ok", &MSR_READS_OK),
             ("hypercalls_hv", &HYPERCALLS_HV),
@@ -171,7 +169,6 @@ pub mod stats {
             ("messages_posted", &MESSAGES_POSTED),
             ("resets", &RESETS),
             ("flushes", &FLUSHES),
-            ("ipi_set_unsorted", &IPI_SET_UNSORTED),
         ];
         all.iter()
             .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
