@@ -1,6 +1,8 @@
 //! The base leaves (0x0..0x1F, 0x80000000..0x80000008): models, toggles, the hypervisor bit, vendor, XSAVE
 //! components, warnings, migration blockers, and the per-vCPU patching. Uses a synthetic host table.
 
+mod common;
+use common::{e, ei};
 use hyperv::config::{blockers, CpuConfig};
 use hyperv::cpuid::{build, build_report, for_vcpu, CpuidBuild, CpuidEntry, HostCpuid};
 
@@ -27,30 +29,6 @@ const HOST_7_EDX: u32 = bits(&[10, 26, 27, 29, 31]);
 // CPUID.80000001H: ECX lahf-lm abm 3dnowprefetch; EDX syscall nx pdpe1gb rdtscp lm.
 const HOST_E1_ECX: u32 = bits(&[0, 5, 8]);
 const HOST_E1_EDX: u32 = bits(&[11, 20, 26, 27, 29]);
-
-fn e(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
-    CpuidEntry {
-        function,
-        index,
-        flags: 0,
-        eax,
-        ebx,
-        ecx,
-        edx,
-    }
-}
-
-fn ei(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
-    CpuidEntry {
-        function,
-        index,
-        flags: 1,
-        eax,
-        ebx,
-        ecx,
-        edx,
-    }
-}
 
 fn host_entries() -> Vec<CpuidEntry> {
     vec![

@@ -1,6 +1,8 @@
 //! Property tests: random `-cpu` strings never make the parser, the checks or the CPUID builder panic, and a
 //! successful build keeps its structural promises.
 
+mod common;
+use common::e;
 use hyperv::config::{Backend, CpuConfig, FeatureSet, HostInfo};
 use hyperv::cpuid::{build_report, for_vcpu, hypervisor_leaves, CpuidEntry, HostCpuid};
 use proptest::prelude::*;
@@ -144,18 +146,6 @@ fn spec() -> impl Strategy<Value = String> {
             format!("{m},{}", toks.join(","))
         }
     })
-}
-
-fn e(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
-    CpuidEntry {
-        function,
-        index,
-        flags: 0,
-        eax,
-        ebx,
-        ecx,
-        edx,
-    }
 }
 
 fn host_entries() -> Vec<CpuidEntry> {

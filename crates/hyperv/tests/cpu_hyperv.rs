@@ -2,6 +2,8 @@
 //! syndbg leaves, the KVM block, and the golden leaf set of issue 2. Expected values are written by hand from
 //! `shared/reference/hyperv-cpuid-and-flags.md` §4–§7, not computed with the code under test.
 
+mod common;
+use common::e;
 use hyperv::config::{Backend, CpuConfig, Feature, FeatureSet, HostInfo};
 use hyperv::cpuid::{build, build_report, hypervisor_leaves, CpuidBuild, CpuidEntry, HostCpuid};
 
@@ -11,18 +13,6 @@ use hyperv::cpuid::{build, build_report, hypervisor_leaves, CpuidBuild, CpuidEnt
 const HOST_KVM_FEATURES: u32 = 0x0101_FEFB;
 /// What survives the userspace-APIC mask: bits 0, 1, 3, 5 and 24.
 const GUEST_KVM_FEATURES: u32 = 0x0100_002B;
-
-fn e(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
-    CpuidEntry {
-        function,
-        index,
-        flags: 0,
-        eax,
-        ebx,
-        ecx,
-        edx,
-    }
-}
 
 /// A small synthetic KVM_GET_SUPPORTED_CPUID answer.
 fn host_entries() -> Vec<CpuidEntry> {
