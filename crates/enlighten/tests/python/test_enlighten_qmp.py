@@ -29,7 +29,6 @@ Exits 0 when every check passes; otherwise prints the failing check (and the VM'
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -44,8 +43,10 @@ import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
-TIMEOUT = 10
-
+# The helpers shared with the qmp crate's own client test.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "qmp", "tests",
+                                "python"))
+from qmp_testlib import TIMEOUT, Raw, next_event  # noqa: E402
 
 class Vm:
     """An enlighten process with its serial output collected line by line."""
@@ -160,14 +161,6 @@ class Vm:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-async def next_event(client, name):
-    event = await asyncio.wait_for(client.events.get(), TIMEOUT)
-    assert event["event"] == name, f"expected {name}, got {event}"
-    ts = event["timestamp"]
-    assert ts["seconds"] > 1_600_000_000 and 0 <= ts["microseconds"] < 1_000_000, ts
-    return event
 
 
 def no_pending_events(client):
@@ -312,38 +305,6 @@ async def control(args, vm):
 
 # ---------------------------------------------------------------------------------------------
 # abuse
-
-
-class Raw:
-    """A bare socket client reading CRLF-terminated JSON lines."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("server closed the connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return json.loads(line)
-
-    def reply(self):
-        """The next line that is not an event."""
-        while True:
-            msg = self.line()
-            if "event" not in msg:
-                return msg
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def close(self):
-        self.sock.close()
 
 
 def abuse_connections(path):
@@ -509,15 +470,21 @@ async def guest_reset(args, vm):
     vm.wait_exit(0)
 
 
-async def no_reboot_guest(args, vm):
+async def guest_ends_vm(vm, reason, line):
+    """Resumes the guest, which then ends the VM itself: SHUTDOWN with `reason`, exit 0, and the
+    serial line `line` seen exactly once."""
     qmp = await connect(vm)
     await qmp.execute("cont")
     await next_event(qmp, "RESUME")
     shutdown = await next_event(qmp, "SHUTDOWN")
-    assert shutdown["data"] == {"guest": True, "reason": "guest-reset"}, shutdown
+    assert shutdown["data"] == {"guest": True, "reason": reason}, shutdown
     await disconnect_after_end(qmp)
     vm.wait_exit(0)
-    assert vm.count(r"qmp_idle: boot") == 1, vm.output()
+    assert vm.count(line) == 1, vm.output()
+
+
+async def no_reboot_guest(args, vm):
+    await guest_ends_vm(vm, "guest-reset", r"qmp_idle: boot")
 
 
 async def no_reboot_host(args, vm):
@@ -531,14 +498,7 @@ async def no_reboot_host(args, vm):
 
 
 async def poweroff(args, vm):
-    qmp = await connect(vm)
-    await qmp.execute("cont")
-    await next_event(qmp, "RESUME")
-    shutdown = await next_event(qmp, "SHUTDOWN")
-    assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}, shutdown
-    await disconnect_after_end(qmp)
-    vm.wait_exit(0)
-    assert vm.count(r"qmp_idle: power off") == 1, vm.output()
+    await guest_ends_vm(vm, "guest-shutdown", r"qmp_idle: power off")
 
 
 async def tcp(args, vm):

@@ -13,10 +13,8 @@ every check passes; prints the failing check otherwise.
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +23,7 @@ import time
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-TIMEOUT = 10
-
+from qmp_testlib import TIMEOUT, Raw, next_event
 
 def wait_for_path(path, proc):
     deadline = time.monotonic() + TIMEOUT
@@ -36,39 +33,6 @@ def wait_for_path(path, proc):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear")
         time.sleep(0.02)
-
-
-async def next_event(client, name):
-    event = await asyncio.wait_for(client.events.get(), TIMEOUT)
-    assert event["event"] == name, f"expected {name}, got {event}"
-    ts = event["timestamp"]
-    assert ts["seconds"] > 1_600_000_000 and 0 <= ts["microseconds"] < 1_000_000, ts
-    return event
-
-
-class Raw:
-    """A bare socket client that reads CRLF-terminated lines."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("server closed the connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return json.loads(line)
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def close(self):
-        self.sock.close()
 
 
 def raw_abuse(path):
