@@ -469,12 +469,8 @@ pub fn restore<R: Read>(
     let mut done = 0u64;
     while pending.kind == SectionKind::Memory {
         for (gpa, page) in pending.pages()? {
-            if !shared
-                .layout
-                .regions
-                .iter()
-                .any(|r| gpa >= r.start && gpa + PAGE_SIZE as u64 <= r.start + r.size)
-            {
+            // Overflow-safe: a page at the top of the address space must not wrap around to pass the check.
+            if !shared.layout.contains(gpa, PAGE_SIZE as u64) {
                 return Err(StreamError::Corrupt(format!(
                     "page at {gpa:#x} is outside this VM's RAM"
                 ))
