@@ -821,6 +821,11 @@ impl Harness {
     /// one the engine refuses (which is not a finding).
     pub fn new(u: &mut Unstructured<'_>, focus: Focus) -> Result<Option<Harness>> {
         let vps = u.int_in_range(1usize..=4)?;
+        Harness::with_vps(u, focus, vps)
+    }
+
+    /// [`Harness::new`] with a given vCPU count (1..=4 keeps the model's costs down; any count works).
+    pub fn with_vps(u: &mut Unstructured<'_>, focus: Focus, vps: usize) -> Result<Option<Harness>> {
         let vp_indexes: Vec<u32> = match u.int_in_range(0u8..=4)? {
             0 | 1 => (0..vps as u32).collect(),
             2 => (0..vps as u32).map(|i| i * 2).collect(),
@@ -989,6 +994,70 @@ impl Harness {
             };
             h.step(op);
         }
+    }
+
+    /// The engine's current state.
+    pub fn save(&self) -> EngineState {
+        self.engine.save()
+    }
+
+    /// The engine side of loading a migration stream (the `migration_stream` target): restores a state that came
+    /// from the stream, then moves reference time forward to `reference_time` when it is behind, as
+    /// `vmm::migration::vm::restore` does. A refused state must leave the engine unchanged; an accepted one must
+    /// save back to itself (up to the runtime offsets, which are relative to the VP's runtime) and the
+    /// platform's timers must be exactly the engine's armed stimers. Returns whether the state was accepted;
+    /// the caller then runs operations with [`Harness::step`], which checks every invariant from there on.
+    pub fn restore_foreign(&mut self, state: &EngineState, reference_time: u64) -> bool {
+        let before = self.engine.save();
+        drop(self.platform().take_log());
+        if self.engine.restore(state).is_err() {
+            assert_eq!(
+                self.engine.save(),
+                before,
+                "a refused restore changed the state"
+            );
+            return false;
+        }
+        if self.engine.reference_time(VpId(0)) < reference_time {
+            self.engine.rebase_reference_time(reference_time);
+        }
+        let after = self.engine.save();
+        assert_eq!(after.version, state.version);
+        assert_eq!(after.vps.len(), state.vps.len());
+        for (a, b) in after.vps.iter().zip(&state.vps) {
+            assert_eq!(a.vp_index, b.vp_index, "restore changed a VP index");
+        }
+        assert_eq!(
+            after.partition.guest_os_id, state.partition.guest_os_id,
+            "restore changed GUEST_OS_ID"
+        );
+        // Restoring what was just saved is the identity.
+        assert!(
+            self.engine.restore(&after).is_ok(),
+            "restoring a fresh save failed"
+        );
+        assert_eq!(
+            self.engine.save(),
+            after,
+            "save → restore → save changed the state"
+        );
+        let log = self.platform().take_log();
+        assert!(
+            !log.accesses.iter().any(|a| a.mutated),
+            "restore wrote guest memory: {:?}",
+            log.accesses
+        );
+        self.check_timers(&after);
+        self.state = Some(after);
+        for i in 0..self.vps {
+            self.last_ref[i] = self.engine.reference_time(VpId(i as u32));
+        }
+        true
+    }
+
+    /// The vCPU count.
+    pub fn vps(&self) -> usize {
+        self.vps
     }
 
     fn valid_vp(&self, vp: u32) -> bool {

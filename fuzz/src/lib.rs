@@ -4,13 +4,15 @@
 //! - [`cpu`]: the `-cpu` parser, validation and the CPUID builder;
 //! - [`qmp_stream`]: QMP framing, negotiation and dispatch;
 //! - [`engine`] with [`platform`]: the Hyper-V engine behind a fake platform with a small guest-memory model
-//!   (`msr_sequence`, `hypercall`, `synic_stimer`).
+//!   (`msr_sequence`, `hypercall`, `synic_stimer`);
+//! - [`migration`]: the migration-stream loader (`migration_stream`), with the engine harness after a restore.
 //!
 //! Every harness asserts its invariants; a failed assertion is a crash that libFuzzer reports and minimises.
 #![forbid(unsafe_code)]
 
 pub mod cpu;
 pub mod engine;
+pub mod migration;
 pub mod platform;
 pub mod qmp_stream;
 
