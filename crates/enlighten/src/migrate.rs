@@ -17,6 +17,8 @@ use vmm::migration::format::ConfigSection;
 use vmm::migration::vm::{self as mvm, MigrationError};
 use vmm::{Paused, VmHandle};
 
+mod snapshot;
+
 /// The QMP commands this module implements.
 pub const COMMANDS: &[&str] = &[
     "migrate",
@@ -25,6 +27,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate-set-parameters",
     "query-migrate-parameters",
     "migrate-incoming",
+    snapshot::SNAPSHOT_SAVE,
 ];
 
 /// The argument specs of [`COMMANDS`] (QEMU's names; `detach`, `blk`, `inc` and `resume` are accepted and
@@ -45,6 +48,9 @@ pub fn command_specs() -> Vec<qmp::CommandSpec> {
             .optional_arg("max-bandwidth", ArgType::Uint),
         CommandSpec::new("query-migrate-parameters"),
         CommandSpec::new("migrate-incoming").arg("uri", ArgType::Str),
+        CommandSpec::new(snapshot::SNAPSHOT_SAVE)
+            .arg("state", ArgType::Str)
+            .arg("memory", ArgType::Str),
     ]
 }
 
@@ -175,6 +181,16 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
                 QmpError::generic("'-incoming' was not specified on the command line")
             })?;
             spawn_incoming(c.clone(), uri, held).map_err(QmpError::generic)?;
+            Ok(json!({}))
+        }
+        snapshot::SNAPSHOT_SAVE => {
+            let arg = |name: &str| {
+                args.get(name)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+            };
+            c.start_snapshot(arg("state")?, arg("memory")?)
+                .map_err(QmpError::generic)?;
             Ok(json!({}))
         }
         "migrate_cancel" => Ok(json!({})),
@@ -511,8 +527,11 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
         .map_err(|e| format!("cannot start the incoming migration thread: {e}"))
 }
 
-/// `enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT FILE`: saves a running VM to FILE through its QMP socket
-/// (QMP `migrate` to `file:FILE`), with a progress bar on stderr. The VM stays paused afterwards.
+/// `enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]`: saves a running VM through its
+/// QMP socket, with a progress bar on stderr. By default a Firecracker-style snapshot (QMP `x-snapshot-save`):
+/// the state file STATE plus the raw memory file MEMORY (default `STATE.mem`), which `enlighten restore STATE`
+/// maps copy-on-write. `--stream` writes the checksummed migration stream instead (QMP `migrate` to
+/// `file:STATE`). The VM stays paused afterwards.
 pub fn snapshot_main(args: &[String]) -> std::process::ExitCode {
     match snapshot(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -523,13 +542,57 @@ pub fn snapshot_main(args: &[String]) -> std::process::ExitCode {
     }
 }
 
-fn snapshot(args: &[String]) -> Result<(), String> {
-    const USAGE: &str = "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT FILE";
-    let (qmp, file) = match args {
-        [o, q, f] if o.trim_start_matches('-') == "qmp" => (q.as_str(), f.as_str()),
-        _ => return Err(USAGE.to_string()),
+/// The parsed `enlighten snapshot` arguments.
+#[derive(Debug, PartialEq, Eq)]
+struct SnapshotArgs {
+    qmp: String,
+    stream: bool,
+    state: String,
+    memory: Option<String>,
+}
+
+const SNAPSHOT_USAGE: &str =
+    "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]";
+
+fn parse_snapshot_args(args: &[String]) -> Result<SnapshotArgs, String> {
+    let mut qmp = None;
+    let mut stream = false;
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-qmp" | "--qmp" => qmp = Some(it.next().ok_or(SNAPSHOT_USAGE)?.clone()),
+            "-stream" | "--stream" => stream = true,
+            f if !f.starts_with('-') => files.push(f.to_string()),
+            _ => return Err(SNAPSHOT_USAGE.to_string()),
+        }
+    }
+    let qmp = qmp.ok_or(SNAPSHOT_USAGE)?;
+    let (state, memory) = match (files.as_slice(), stream) {
+        ([s], _) => (s.clone(), None),
+        ([s, m], false) => (s.clone(), Some(m.clone())),
+        _ => return Err(SNAPSHOT_USAGE.to_string()),
     };
-    let file = std::path::absolute(file).map_err(|e| format!("{file}: {e}"))?;
+    Ok(SnapshotArgs {
+        qmp,
+        stream,
+        state,
+        memory,
+    })
+}
+
+fn snapshot(args: &[String]) -> Result<(), String> {
+    let a = parse_snapshot_args(args)?;
+    let qmp = a.qmp.as_str();
+    let file = std::path::absolute(&a.state).map_err(|e| format!("{}: {e}", a.state))?;
+    let memory = match &a.memory {
+        Some(m) => std::path::absolute(m).map_err(|e| format!("{m}: {e}"))?,
+        None => {
+            let mut m = file.clone().into_os_string();
+            m.push(".mem");
+            m.into()
+        }
+    };
     let stream: Box<dyn ReadWrite> = if let Some(p) = qmp.strip_prefix("unix:") {
         let p = p.split(',').next().unwrap_or(p);
         Box::new(
@@ -543,14 +606,23 @@ fn snapshot(args: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("cannot connect to QMP at {a}: {e}"))?,
         )
     } else {
-        return Err(USAGE.to_string());
+        return Err(SNAPSHOT_USAGE.to_string());
     };
     let mut c = QmpClient::new(stream)?;
     c.call("qmp_capabilities", json!({}))?;
-    c.call(
-        "migrate",
-        json!({ "uri": format!("file:{}", file.display()) }),
-    )?;
+    let written = if a.stream {
+        c.call(
+            "migrate",
+            json!({ "uri": format!("file:{}", file.display()) }),
+        )?;
+        file.display().to_string()
+    } else {
+        c.call(
+            snapshot::SNAPSHOT_SAVE,
+            json!({ "state": file.display().to_string(), "memory": memory.display().to_string() }),
+        )?;
+        format!("{} and {}", file.display(), memory.display())
+    };
     let start = Instant::now();
     loop {
         let q = c.call("query-migrate", json!({}))?;
@@ -565,8 +637,7 @@ fn snapshot(args: &[String]) -> Result<(), String> {
         match status {
             "completed" => {
                 eprintln!(
-                    "\nsnapshot written to {} ({} bytes, {} ms)",
-                    file.display(),
+                    "\nsnapshot written to {written} ({} bytes, {} ms)",
                     q["ram"]["transferred"],
                     start.elapsed().as_millis()
                 );
@@ -584,7 +655,8 @@ fn snapshot(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// `enlighten restore FILE [run options]`: `run` with `-incoming file:FILE`.
+/// `enlighten restore FILE [run options]`: `run` with `-incoming file:FILE`. FILE is a snapshot's state file
+/// (its memory file is mapped copy-on-write) or a migration stream written by `migrate` to `file:`.
 pub fn restore_main(args: &[String]) -> std::process::ExitCode {
     let Some((file, rest)) = args.split_first() else {
         eprintln!("error: usage: enlighten restore FILE [run options]");
@@ -770,6 +842,47 @@ mod tests {
         ];
         for (done, total, bar) in cases {
             assert_eq!(progress_bar(*done, *total), *bar, "{done}/{total}");
+        }
+    }
+
+    #[test]
+    fn snapshot_args() {
+        let ok = |qmp: &str, stream, state: &str, memory: Option<&str>| {
+            Ok(SnapshotArgs {
+                qmp: qmp.to_string(),
+                stream,
+                state: state.to_string(),
+                memory: memory.map(str::to_string),
+            })
+        };
+        let cases: &[(&[&str], Result<SnapshotArgs, String>)] = &[
+            (&["-qmp", "unix:/q", "s"], ok("unix:/q", false, "s", None)),
+            (
+                &["--qmp", "tcp:h:1", "s", "m"],
+                ok("tcp:h:1", false, "s", Some("m")),
+            ),
+            (
+                &["-qmp", "unix:/q", "--stream", "s"],
+                ok("unix:/q", true, "s", None),
+            ),
+            (&["s", "-qmp", "unix:/q"], ok("unix:/q", false, "s", None)),
+            (
+                &["-qmp", "unix:/q", "--stream", "s", "m"],
+                Err(SNAPSHOT_USAGE.into()),
+            ),
+            (&["-qmp", "unix:/q"], Err(SNAPSHOT_USAGE.into())),
+            (&["s"], Err(SNAPSHOT_USAGE.into())),
+            (&["-qmp"], Err(SNAPSHOT_USAGE.into())),
+            (&["-qmp", "unix:/q", "-x", "s"], Err(SNAPSHOT_USAGE.into())),
+            (
+                &["-qmp", "unix:/q", "a", "b", "c"],
+                Err(SNAPSHOT_USAGE.into()),
+            ),
+            (&[], Err(SNAPSHOT_USAGE.into())),
+        ];
+        for (args, expected) in cases {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            assert_eq!(&parse_snapshot_args(&args), expected, "{args:?}");
         }
     }
 

@@ -1327,21 +1327,9 @@ impl VmShared {
 
 /// Zeroes guest RAM (the kernel is reloaded after a reset).
 fn clear_ram(mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(), String> {
-    for r in &layout.regions {
-        let host = mem
-            .get_host_address(GuestAddress(r.start))
-            .map_err(|e| format!("cannot clear guest RAM: {e}"))?;
-        // SAFETY: [host, host + size) is a private anonymous mapping owned by `mem`; MADV_DONTNEED replaces
-        // its pages with zero pages, which is what a power cycle leaves. All vCPUs are paused.
-        let ret = unsafe { libc::madvise(host.cast(), r.size as usize, libc::MADV_DONTNEED) };
-        if ret != 0 {
-            return Err(format!(
-                "cannot clear guest RAM: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
+    // Fresh anonymous pages, also where a snapshot's memory file backed RAM (MADV_DONTNEED would bring the
+    // file's pages back).
+    crate::migration::snapshot::clear_ram(mem, layout)
 }
 
 fn timer_thread(shared: Arc<VmShared>) {

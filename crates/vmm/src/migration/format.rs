@@ -5,6 +5,7 @@
 //! header   : magic "ENLMIGR\0" (8) | format version u32 LE | enlighten version: len u16 LE + UTF-8 (≤ 64)
 //! section  : kind u32 LE | payload length u64 LE | CRC-32 (IEEE) of the payload u32 LE | payload
 //! sections : Config (first, exactly once) · Vcpu × n · Device × k · Engine (0 or 1) · Memory × m · End
+//!            (a snapshot's state file has one MemoryFile section instead of the Memory sections)
 //! ```
 //!
 //! Config, Vcpu, Device and Engine payloads are JSON (serde); each owner defines its own schema and version
@@ -52,6 +53,9 @@ pub enum SectionKind {
     Engine,
     /// Guest pages.
     Memory,
+    /// A snapshot's state file: where the raw memory file is and how it maps onto guest RAM (instead of
+    /// Memory sections; see `migration::snapshot`).
+    MemoryFile,
     /// End of stream.
     End,
 }
@@ -65,6 +69,7 @@ impl SectionKind {
             SectionKind::Device => 3,
             SectionKind::Engine => 4,
             SectionKind::Memory => 5,
+            SectionKind::MemoryFile => 6,
             SectionKind::End => 0xFF,
         }
     }
@@ -77,6 +82,7 @@ impl SectionKind {
             3 => SectionKind::Device,
             4 => SectionKind::Engine,
             5 => SectionKind::Memory,
+            6 => SectionKind::MemoryFile,
             0xFF => SectionKind::End,
             _ => return None,
         })
@@ -90,6 +96,7 @@ impl SectionKind {
             SectionKind::Device => "device",
             SectionKind::Engine => "engine",
             SectionKind::Memory => "memory",
+            SectionKind::MemoryFile => "memory file",
             SectionKind::End => "end",
         }
     }

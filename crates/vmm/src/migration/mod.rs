@@ -2,4 +2,5 @@
 //! restore ([`vm`]). See `docs/migration.md`.
 
 pub mod format;
+pub mod snapshot;
 pub mod vm;

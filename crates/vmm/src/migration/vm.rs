@@ -13,7 +13,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
     ConfigSection, PageBatch, SectionKind, StreamError, StreamReader, StreamWriter, PAGE_SIZE,
@@ -266,22 +266,21 @@ fn msr_list() -> Result<Vec<u32>, MigrationError> {
         .collect())
 }
 
-/// Writes the complete state of the paused machine to `out`: config, every vCPU, the engine, then guest RAM
-/// without its zero pages. `paused` must cover every vCPU.
-pub fn save<W: Write>(
+/// Writes the machine's state sections (everything but guest RAM): Config, every vCPU, the devices and the
+/// engine. Used by [`save`] and by the snapshot's state file ([`super::snapshot`]). `paused` must cover every
+/// vCPU.
+pub(crate) fn write_state<W: Write>(
     paused: &Paused,
     hv: Option<&HvGlue>,
     config: &ConfigSection,
-    out: W,
-    progress: Progress<'_>,
-) -> Result<(W, Stats), MigrationError> {
+    w: &mut StreamWriter<W>,
+) -> Result<(), MigrationError> {
     let shared = paused.machine().clone();
     let n = shared.vcpus.len();
     if paused.vcpus().len() != n {
         return Err(vm_err("a snapshot needs every vCPU stopped"));
     }
     let list = msr_list()?;
-    let mut w = StreamWriter::new(out)?;
     w.json(SectionKind::Config, config)?;
     for i in 0..n {
         let l = list.clone();
@@ -312,6 +311,21 @@ pub fn save<W: Write>(
         // Every page is sent below; the engine's dirty set starts afresh.
         let _ = hv.take_dirty_pages();
     }
+    Ok(())
+}
+
+/// Writes the complete state of the paused machine to `out`: config, every vCPU, the engine, then guest RAM
+/// without its zero pages. `paused` must cover every vCPU.
+pub fn save<W: Write>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    config: &ConfigSection,
+    out: W,
+    progress: Progress<'_>,
+) -> Result<(W, Stats), MigrationError> {
+    let shared = paused.machine().clone();
+    let mut w = StreamWriter::new(out)?;
+    write_state(paused, hv, config, &mut w)?;
     let mut batch = PageBatch::default();
     let total = shared.layout.ram_size;
     let mut done = 0u64;
@@ -347,23 +361,7 @@ pub fn save<W: Write>(
 
 /// Zeroes guest RAM (pages elided from the stream are zero).
 fn zero_ram(shared: &crate::machine::VmShared) -> Result<(), MigrationError> {
-    for r in &shared.layout.regions {
-        let host = shared
-            .mem
-            .get_host_address(GuestAddress(r.start))
-            .map_err(|e| vm_err(format!("cannot clear guest RAM: {e}")))?;
-        // SAFETY: [host, host + size) is the private anonymous mapping of this RAM region owned by `mem`;
-        // MADV_DONTNEED replaces its pages with zero pages. Every vCPU is paused and nothing else holds a Rust
-        // reference into guest RAM.
-        let ret = unsafe { libc::madvise(host.cast(), r.size as usize, libc::MADV_DONTNEED) };
-        if ret != 0 {
-            return Err(vm_err(format!(
-                "cannot clear guest RAM: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-    }
-    Ok(())
+    super::snapshot::clear_ram(&shared.mem, &shared.layout).map_err(vm_err)
 }
 
 /// Loads a stream into a freshly created, paused machine of the same configuration (`dest` describes it).
@@ -426,7 +424,7 @@ pub fn restore<R: Read>(
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()).into())
             }
-            SectionKind::Memory | SectionKind::End => break s,
+            SectionKind::Memory | SectionKind::MemoryFile | SectionKind::End => break s,
         }
     };
     if vcpus.len() != n {
@@ -462,11 +460,17 @@ pub fn restore<R: Read>(
         }
     }
 
-    // Guest RAM.
-    zero_ram(&shared)?;
+    // Guest RAM: a snapshot's memory file mapped copy-on-write, or the stream's pages.
     let total = shared.layout.ram_size;
     let mut stats = Stats::default();
     let mut done = 0u64;
+    if pending.kind == SectionKind::MemoryFile {
+        let m: super::snapshot::MemoryFileSection = pending.json()?;
+        stats.pages = super::snapshot::map_memory_file(&shared, &m)?;
+        pending = r.expect_section()?;
+    } else {
+        zero_ram(&shared)?;
+    }
     while pending.kind == SectionKind::Memory {
         for (gpa, page) in pending.pages()? {
             // Overflow-safe: a page at the top of the address space must not wrap around to pass the check.
