@@ -1,0 +1,98 @@
+//! Hostile guests under real KVM (issue 10): each guest program in `guests/tests/hostile_*.c` feeds the VMM
+//! bad hypercall inputs, bad MSR values or races, expects exactly the status or #GP KVM's in-kernel Hyper-V
+//! emulation gives, and the VMM must stay up: every run has a timeout (`guest_common::TIMEOUT`), must end
+//! through debug-exit with status 1 and must print nothing on stderr but QEMU's CPU-model warnings (so no panic
+//! message, no error report).
+
+mod guest_common;
+use guest_common::*;
+
+/// Every enlightenment the userspace backend has, and the test device for PostMessage/SignalEvent connections.
+const PASSTHROUGH: &[&str] = &["-cpu", "host,hv-passthrough", "-device", "hyperv-testdev"];
+
+/// A run that must pass and contain these PASS lines (prefix match).
+fn check(o: &Outcome, lines: &[&str]) {
+    assert_passed_with(o, lines);
+    assert!(
+        o.elapsed < TIMEOUT,
+        "took {:?}\n{}",
+        o.elapsed,
+        o.describe()
+    );
+}
+
+#[test]
+fn hypercall_inputs_outside_ram_on_mmio_straddling_huge_reps_full_sparse_sets() {
+    let o = run_guest("hostile_hcall", 2, None, PASSTHROUGH);
+    check(
+        &o,
+        &[
+            "FlushVirtualAddressSpace with its input beyond RAM: result 3",
+            "FlushVirtualAddressSpace with its input on the local APIC page: result 3",
+            "FlushVirtualAddressSpace with its input in the 0xF0000000 hole: result 3",
+            "SendSyntheticClusterIpiEx with its input 8 bytes before the end of RAM: result 3",
+            "PostMessage with its input on the local APIC page: result b",
+            "PostMessage with its input at the last byte of RAM (misaligned): result 4",
+            "SignalEvent with its input beyond RAM: result 4",
+            "FlushVirtualAddressSpace with its input straddling two RAM pages: result 0",
+            "PostMessage with its input straddling two RAM pages (unknown connection): result 12",
+            "FlushVirtualAddressSpace with the output GPA beyond RAM: result 0",
+            // rep counts, rep start indexes, sparse sets with every bank, reserved control bits
+            "FlushVirtualAddressList, rep 0xFFF, 1-entry input: result fff00000000",
+            "FlushVirtualAddressList, rep 15, list beyond RAM: result 3",
+            "FlushVirtualAddressList, rep 16, list beyond RAM (not read): result 1000000000",
+            "FlushVirtualAddressList, rep 12, fast (one more than XMM0..5 hold): result 3",
+            "FlushVirtualAddressListEx, rep 0xFFF, 1-entry input: result fff00000000",
+            "FlushVirtualAddressList, rep 1, start 2: result 3",
+            "unknown code 0x7FFF, rep 0xFFF start 0xFFF: result 2",
+            "FlushVirtualAddressSpaceEx, 64 banks of all ones: result 0",
+            "FlushVirtualAddressSpaceEx, 64 banks, input ends after 4 banks (end of RAM): result 3",
+            "SendSyntheticClusterIpiEx, 64 banks of all ones: result 0",
+            "... every vCPU got the IPI once (2 of 2)",
+            "SendSyntheticClusterIpiEx, 64 banks, input ends after 3 banks (end of RAM): result 3",
+            "each of the 14 reserved control bits gives INVALID_HYPERCALL_INPUT",
+        ],
+    );
+}
+
+#[test]
+fn msr_read_only_reserved_bits_sint_vectors_pages_outside_ram_stimer_edges_eom_flood() {
+    let o = run_guest("hostile_msr", 1, None, PASSTHROUGH);
+    check(
+        &o,
+        &[
+            "every write to the 6 read-only MSRs #GPs and changes nothing",
+            "the 26 unimplemented synthetic MSRs #GP on read and write",
+            "GUEST_OS_ID = ~0 and HYPERCALL with bits 11:2 set are stored",
+            "REFERENCE_TSC with bits 11:1 set is stored and the page is valid",
+            "VP_ASSIST_PAGE with bits 11:1 set is stored",
+            "SCONTROL = ~0, SIMP and SIEFP with bits 11:1 set are stored",
+            "every SINT stores all 64 bits",
+            "STIMER CONFIG reserved bits (63:20, 15:13) and COUNT = ~0 are stored",
+            "CRASH_P0..4 store ~0; CRASH_CTL writes without the notify bit keep reading 8000000000000000",
+            "REENLIGHTENMENT_CONTROL and TSC_EMULATION_CONTROL store ~0",
+            "TSC_EMULATION_STATUS #GPs on every non-zero value",
+            "TSC_INVARIANT_CONTROL #GPs on bits other than 0 and on clearing bit 0",
+            "RESET ignores every value but 1",
+            "SINT0..15 with vectors 0..15: #GP unmasked (value kept), stored masked",
+            "HYPERCALL enabled beyond RAM: #GP, value kept",
+            "HYPERCALL enabled on the local APIC page: #GP, value kept",
+            "HYPERCALL enabled in the 0xF0000000 hole: #GP, value kept",
+            "VP_ASSIST_PAGE enabled on the local APIC page: #GP",
+            "REFERENCE_TSC enabled on the local APIC page: stored, TIME_REF_COUNT still advances",
+            "SIMP beyond RAM: stored; a stimer message is not delivered",
+            "SIEFP on the local APIC page: SignalEvent returns 0, no interrupt",
+            "SIMP in the 0xF0000000 hole: PostMessage echoes return 0 0 and are dropped",
+            "direct one-shot stimers with vectors 0..15 expire without delivering anything",
+            "a periodic direct stimer with vector 5 and a 100 ns period: nothing",
+            "a 100 ns periodic direct stimer delivers",
+            "count 0 clears enable (one-shot and periodic)",
+            "count u64::MAX (one-shot, periodic, direct): enabled, nothing fires",
+            "5000 EOM writes with nothing pending",
+            "3000 EOMs while a timer message waits for a busy slot",
+            "freeing the slot and one EOM delivers it exactly once (1)",
+            "2000 more EOMs after delivery: no duplicate",
+            "hypercalls still work at the end",
+        ],
+    );
+}
