@@ -15,6 +15,8 @@
 //! Configuration (`-cpu` parsing with QEMU's rules) lives in [`config`]; the CPUID builder in [`cpuid`]; the
 //! engine is configured from the resulting guest CPUID through [`EngineConfig`].
 #![forbid(unsafe_code)]
+// Guest- and client-controlled data flows through this crate: no unwrap/expect outside tests (issue 10).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
 pub mod connections;

@@ -30,6 +30,8 @@
 //! server.shutdown();
 //! ```
 #![forbid(unsafe_code)]
+// Guest- and client-controlled data flows through this crate: no unwrap/expect outside tests (issue 10).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod error;
 mod event;
