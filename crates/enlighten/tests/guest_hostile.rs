@@ -96,3 +96,34 @@ fn msr_read_only_reserved_bits_sint_vectors_pages_outside_ram_stimer_edges_eom_f
         ],
     );
 }
+
+#[test]
+fn hypercall_page_rewritten_moved_and_disabled_while_another_vcpu_calls_it() {
+    let o = run_guest("hostile_page", 2, Some("calls=4000"), PASSTHROUGH);
+    check(
+        &o,
+        &[
+            "the page works before the race",
+            "every call ended with the status or what the bytes in the page do (other: 0",
+            "CPU 1 made all 4000 calls while CPU 0 rewrote the page",
+            "re-enabling the page makes it work again",
+        ],
+    );
+}
+
+#[test]
+fn vcpus_1024_hammer_the_same_hypercall_page() {
+    let o = run_guest(
+        "hostile_page",
+        1024,
+        Some("mode=hammer iters=16"),
+        PASSTHROUGH,
+    );
+    check(
+        &o,
+        &[
+            "all 1024 CPUs finished 16 rounds of 3 hypercalls",
+            "49152 hypercalls through the same page, every status exact (0 wrong)",
+        ],
+    );
+}
