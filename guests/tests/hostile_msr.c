@@ -367,6 +367,83 @@ static void stimer_edges(void)
     synic_mask_all();
 }
 
+/* Every hyperv-testdev command with a missing VP, SINT or connection (QEMU asserts on several of them): ignored;
+ * duplicates keep the first registration; the device keeps working. */
+static void testdev_garbage(void)
+{
+    struct hv_message *simp = alloc_pages(1);
+    wrmsr(HV_MSR_SIMP, (u64)simp | 1);
+    synic_set_sint(4, 0x44, false);
+    synic_set_sint(5, 0x45, false);
+    set_irq_handler(0x44, count_irq);
+    set_irq_handler(0x45, count_irq);
+    memset((void *)hits, 0, sizeof(hits));
+    for (unsigned cmd = 0; cmd < 256; cmd++) {
+        if (cmd == HVT_LATCH_EXITS)
+            continue;
+        hvt_cmd((u8)cmd, 200, 99, 255); /* no such VP, no such SINT */
+        hvt_cmd((u8)cmd, 0, 99, 254);   /* no such SINT */
+        hvt_cmd((u8)cmd, 0, 7, 253);    /* destroys and fires of things never created */
+    }
+    hvt_cmd(HVT_LATCH_EXITS, 200, 0, 0);
+    (void)inl(HV_TESTDEV_PORT);
+    (void)inl(HV_TESTDEV_PORT);
+    outb(HV_TESTDEV_PORT, 0xFF); /* a 1-byte write (only 32-bit accesses are valid) */
+    outw(HV_TESTDEV_PORT + 2, 0xFFFF);
+    idle_for(ms(2));
+    u32 stray = hits[0x44] + hits[0x45];
+
+    hvt_cmd(HVT_SINT_ROUTE_CREATE, 0, 4, 0);
+    hvt_cmd(HVT_SINT_ROUTE_CREATE, 0, 4, 0);
+    hvt_cmd(HVT_SINT_ROUTE_SET_SINT, 0, 4, 0);
+    idle_for(ms(2));
+    u32 fired = hits[0x44];
+    hvt_cmd(HVT_SINT_ROUTE_DESTROY, 0, 4, 0);
+    hvt_cmd(HVT_SINT_ROUTE_DESTROY, 0, 4, 0);
+    hvt_cmd(HVT_SINT_ROUTE_SET_SINT, 0, 4, 0);
+    idle_for(ms(2));
+    report(stray == 0 && fired == 1 && hits[0x44] == 1,
+           "768 hyperv-testdev commands naming missing VPs/SINTs/connections are ignored; a real route fires once "
+           "and not after its destruction (%u %u %u)",
+           stray, fired, hits[0x44]);
+
+    hvt_cmd(HVT_MSG_CONN_CREATE, 0, 5, 20);
+    hvt_cmd(HVT_MSG_CONN_CREATE, 0, 6, 20); /* duplicate: ignored */
+    struct hv_post_message_input *in = alloc_pages(1);
+    in->connection_id = 20;
+    in->message_type = HVMSG_TEST;
+    in->payload_size = 16;
+    u64 st = hv_post_message(in);
+    idle_for(ms(2));
+    report(st == HV_STATUS_SUCCESS && hits[0x45] == 1 && simp[5].type == HVMSG_TEST && simp[6].type == 0,
+           "a duplicate MSG_CONN_CREATE keeps the first target (status %lx, slot 5 %x, slot 6 %x)", st,
+           simp[5].type, simp[6].type);
+    hvt_cmd(HVT_MSG_CONN_DESTROY, 0, 0, 20);
+    hvt_cmd(HVT_MSG_CONN_DESTROY, 0, 0, 20);
+    st = hv_post_message(in);
+    report(st == HV_STATUS_INVALID_CONNECTION_ID, "after MSG_CONN_DESTROY (twice) PostMessage gives %lx (0x12)", st);
+    wrmsr(HV_MSR_SIMP, 0);
+    synic_mask_all();
+}
+
+/* All four timers periodic with a 100 ns period (direct mode): an interrupt storm that must stop when disabled. */
+static void stimer_storm(void)
+{
+    memset((void *)hits, 0, sizeof(hits));
+    set_irq_handler(0x42, count_irq);
+    for (unsigned n = 0; n < 4; n++) {
+        stimer_config(n, HV_STIMER_DIRECT | HV_STIMER_VECTOR(0x42) | HV_STIMER_PERIODIC | HV_STIMER_AUTO_ENABLE);
+        stimer_count(n, 1);
+    }
+    idle_for(ms(20));
+    for (unsigned n = 0; n < 4; n++)
+        stimer_config(n, 0);
+    u32 storm = hits[0x42];
+    idle_for(ms(5));
+    report(storm > 0 && hits[0x42] == storm, "four 100 ns periodic stimers at once: %u interrupts, then silence",
+           storm);
+}
+
 static void eom_flood(void)
 {
     struct hv_message *simp = alloc_pages(1);
@@ -422,6 +499,8 @@ int main(void)
     pages_outside_ram(hc_page);
     stimer_edges();
     eom_flood();
+    testdev_garbage();
+    stimer_storm();
     report(hv_hypercall(0x7FFF, 0, 0) == HV_STATUS_INVALID_HYPERCALL_CODE, "hypercalls still work at the end");
     return 0;
 }

@@ -8,6 +8,11 @@
  * the replacement code does (#UD from `ud2`, `mov al, 0x77`, `in al, 0xE4`; the exception
  * handlers below return to the caller with a marker in RAX). Never a VMM crash or hang.
  *
+ * msrrace (mode=msrrace rounds=N, -smp 2+): CPU 0 changes the partition-wide MSRs (REFERENCE_TSC on, off and
+ * beyond RAM, TSC_EMULATION_CONTROL, REENLIGHTENMENT_CONTROL, HYPERCALL, CRASH_P0, GUEST_OS_ID) while the other
+ * CPUs read TIME_REF_COUNT, reprogram their stimers, write EOM and make hypercalls: no deadlock, reference time
+ * monotonic on every CPU, exact statuses.
+ *
  * hammer (mode=hammer iters=N, any -smp up to 1024): every CPU makes N rounds of three hypercalls through the
  * same page at once (NotifyLongSpinWait, an unknown code, a fast SendSyntheticClusterIpi to nobody); each must
  * return its exact status.
@@ -199,11 +204,82 @@ static void hammer(u64 iters)
            bad_calls);
 }
 
+/* ---- msrrace: CPU 0 keeps changing the partition-wide MSRs while every other CPU reads reference time, programs
+ * its own synthetic timers, writes EOM and makes hypercalls. Nothing may deadlock, reference time must never go
+ * backwards on any CPU, and every call keeps its status. */
+static volatile u32 race_stop, race_done, race_bad;
+static volatile u64 race_back[MAX_CPUS];
+
+static void msr_worker(void *arg)
+{
+    (void)arg;
+    u32 id = smp_id();
+    u64 last = 0, back = 0, bad = 0;
+    while (!READ_ONCE(race_stop)) {
+        u64 t = rdmsr(HV_MSR_TIME_REF_COUNT);
+        if (t < last)
+            back++;
+        last = t;
+        wrmsr(0x400000B0 + 2 * (id % 4), (2ul << 16) | (1ul << 3)); /* STIMERn_CONFIG: SINT 2, auto-enable */
+        wrmsr(0x400000B1 + 2 * (id % 4), t + 5000);                 /* 0.5 ms from now */
+        wrmsr(0x40000084, 0);                                       /* EOM */
+        bad += hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT, 0, 0) != HV_STATUS_SUCCESS;
+        bad += hv_hypercall(UNKNOWN_CODE, 0, 0) != HV_STATUS_INVALID_HYPERCALL_CODE;
+    }
+    wrmsr(0x400000B0 + 2 * (id % 4), 0);
+    race_back[id] = back;
+    atomic_fetch_add(&race_bad, (u32)bad);
+    atomic_inc(&race_done);
+}
+
+static void msr_race(u64 rounds)
+{
+    u8 *hc = hv_enable_hypercalls();
+    if (!hc)
+        fail("cannot enable the hypercall page");
+    u8 *tsc_page = alloc_pages(1);
+    u32 n = nr_cpus();
+    /* The workers' timers post to SINT 2 with SIMP disabled: each expiry fails and waits for an EOM. */
+    for (u32 cpu = 1; cpu < n; cpu++)
+        on_cpu_async(cpu, msr_worker, NULL);
+    u64 last = 0, back = 0;
+    for (u64 i = 0; i < rounds; i++) {
+        static const u64 ref[] = {1, 0, 2};
+        u64 r = ref[i % 3];
+        wrmsr(HV_MSR_REFERENCE_TSC, r == 1 ? (u64)tsc_page | 1 : r == 2 ? (fw_cfg_ram_size() + (1ul << 32)) | 1 : 0);
+        wrmsr(HV_MSR_TSC_EMULATION_CONTROL, i & 1);
+        wrmsr(HV_MSR_REENLIGHTENMENT_CONTROL, (i & 1) ? (1ul << 16) | 0xF5 : 0);
+        wrmsr(HV_MSR_HYPERCALL, (u64)hc | 1);
+        wrmsr(HV_MSR_CRASH_P0, i);
+        wrmsr(HV_MSR_GUEST_OS_ID, HV_GUEST_OS_ID_LINUX | (i & 0xFF));
+        u64 t = rdmsr(HV_MSR_TIME_REF_COUNT);
+        if (t < last)
+            back++;
+        last = t;
+    }
+    WRITE_ONCE(race_stop, 1);
+    u64 end = rdtsc() + 60000000000ul;
+    while (READ_ONCE(race_done) < n - 1 && rdtsc() < end)
+        pause();
+    wrmsr(HV_MSR_REFERENCE_TSC, 0);
+    wrmsr(HV_MSR_TSC_EMULATION_CONTROL, 0);
+    u64 worker_back = 0;
+    for (u32 cpu = 1; cpu < n; cpu++)
+        worker_back += race_back[cpu];
+    report(READ_ONCE(race_done) == n - 1, "%u CPUs kept running through %lu rounds of partition MSR changes",
+           n - 1, rounds);
+    report(back == 0 && worker_back == 0, "TIME_REF_COUNT never went backwards on any CPU (%lu, %lu)", back,
+           worker_back);
+    report(race_bad == 0, "every hypercall during the race kept its status (%u wrong)", race_bad);
+}
+
 int main(void)
 {
     smp_init();
     if (arg_is("mode", "hammer"))
         hammer(arg_u64("iters", 4));
+    else if (arg_is("mode", "msrrace"))
+        msr_race(arg_u64("rounds", 300));
     else if (nr_cpus() < 2)
         report_skip("the race needs -smp 2");
     else

@@ -92,6 +92,10 @@ fn msr_read_only_reserved_bits_sint_vectors_pages_outside_ram_stimer_edges_eom_f
             "3000 EOMs while a timer message waits for a busy slot",
             "freeing the slot and one EOM delivers it exactly once (1)",
             "2000 more EOMs after delivery: no duplicate",
+            "768 hyperv-testdev commands naming missing VPs/SINTs/connections are ignored",
+            "a duplicate MSG_CONN_CREATE keeps the first target",
+            "after MSG_CONN_DESTROY (twice) PostMessage gives 12",
+            "four 100 ns periodic stimers at once",
             "hypercalls still work at the end",
         ],
     );
@@ -124,6 +128,24 @@ fn vcpus_1024_hammer_the_same_hypercall_page() {
         &[
             "all 1024 CPUs finished 16 rounds of 3 hypercalls",
             "49152 hypercalls through the same page, every status exact (0 wrong)",
+        ],
+    );
+}
+
+#[test]
+fn partition_msrs_change_while_other_vcpus_use_time_timers_and_hypercalls() {
+    let o = run_guest(
+        "hostile_page",
+        4,
+        Some("mode=msrrace rounds=3000"),
+        PASSTHROUGH,
+    );
+    check(
+        &o,
+        &[
+            "3 CPUs kept running through 3000 rounds of partition MSR changes",
+            "TIME_REF_COUNT never went backwards on any CPU (0, 0)",
+            "every hypercall during the race kept its status (0 wrong)",
         ],
     );
 }
