@@ -5,11 +5,18 @@
  * time (TIME_REF_COUNT) never steps back, and the last message is for one of the final periods. Periods that
  * fall inside the migration's downtime are skipped, as Hyper-V does for a late periodic timer; the count is
  * reported.
+ *
+ * Meanwhile a SynIC message exchange runs through hyperv-testdev (`-device hyperv-testdev`): HvCallPostMessage
+ * from the BSP on connection 1 is echoed into SINT 1 of CPU 1 (of the BSP with one CPU), one message in flight
+ * at a time, each carrying its sequence number. Every post must succeed and every echo must arrive once and in order, also across the migration (the
+ * echo may be in flight in the slot, the engine or the device when the VM is saved).
  */
 #include "rt.h"
 #include "synic.h"
 
 #define VEC_TIMER 0x90
+#define VEC_ECHO 0x91
+#define ECHO_TYPE 0x4D5347
 #define PERIOD 10000ul /* 1 ms in 100 ns units */
 #define MAX_TICKS 8192
 
@@ -17,6 +24,46 @@ static struct hv_message *simp;
 static volatile u64 expirations[MAX_TICKS], deliveries[MAX_TICKS];
 static volatile u32 timers[MAX_TICKS];
 static volatile u32 nticks;
+static struct hv_post_message_input *post_in;
+static struct hv_message *echo_simp; /* the SIMP of the CPU the echoes go to */
+static volatile u32 echoed, echo_bad;
+
+static void echo_setup(void *arg)
+{
+    (void)arg;
+    synic_enable(echo_simp, 0);
+    synic_set_sint(1, VEC_ECHO, false);
+}
+
+static void echo_handler(struct regs *r)
+{
+    (void)r;
+    struct hv_message *m = &echo_simp[1];
+    if (m->type == ECHO_TYPE) {
+        u32 seq = (u32)m->payload[0] | (u32)m->payload[1] << 8 | (u32)m->payload[2] << 16 |
+                  (u32)m->payload[3] << 24;
+        if (seq == echoed && m->size == 4)
+            echoed = seq + 1;
+        else
+            echo_bad++;
+    }
+    bool pending = m->flags & HV_MSG_FLAG_PENDING;
+    m->type = HVMSG_NONE;
+    if (pending)
+        wrmsr(HV_MSR_EOM, 0);
+    apic_eoi();
+}
+
+/* Posts message `seq` on connection 1; returns the hypercall status. */
+static u64 post_echo(u32 seq)
+{
+    post_in->connection_id = 1;
+    post_in->message_type = ECHO_TYPE;
+    post_in->payload_size = 4;
+    for (int i = 0; i < 4; i++)
+        post_in->payload[i] = (u8)(seq >> (8 * i));
+    return hv_post_message(post_in);
+}
 
 static void timer_handler(struct regs *r)
 {
@@ -47,14 +94,33 @@ int main(void)
     set_irq_handler(VEC_TIMER, timer_handler);
     synic_enable(simp, 0);
     synic_set_sint(0, VEC_TIMER, false);
+    bool echo = hv_enable_hypercalls() != NULL;
+    post_in = alloc_pages(1);
+    set_irq_handler(VEC_ECHO, echo_handler);
+    smp_init();
+    u32 echo_cpu = nr_cpus() > 1 ? 1 : 0;
+    echo_simp = echo_cpu ? alloc_pages(1) : simp;
+    on_cpu(echo_cpu, echo_setup, NULL);
+    hvt_cmd(HVT_MSG_CONN_CREATE, (u8)echo_cpu, 1, 1); /* connection 1 -> SINT 1 of the echo CPU */
+    u32 posted = 0, post_failed = 0;
+    u64 first_status = 0;
     u64 tenths = arg_u64("tenths", 40);
     stimer_count(0, PERIOD);
     u64 before = hv_ref_time(), prev = before, backwards = 0;
     stimer_config(0, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_SINT(0));
     u64 end = before + tenths * 1000000ul;
     while (prev < end && nticks < MAX_TICKS) {
+        if (echo && echoed == posted) {
+            u64 st = post_echo(posted);
+            if (st == 0)
+                posted++;
+            else if (post_failed++ == 0)
+                first_status = st;
+        }
         sti();
-        (void)inb(0x80); /* an exit, so a pending SINT is injected (see synic.h) */
+        /* Past STI's interrupt shadow, then an exit: a pending SINT is injected when the exit returns. */
+        asm volatile("nop");
+        (void)inb(0x80);
         cli();
         u64 t = hv_ref_time();
         if (t < prev)
@@ -62,6 +128,19 @@ int main(void)
         prev = t;
     }
     stimer_config(0, 0);
+    /* The last echo, if one is in flight. */
+    for (u64 until = hv_ref_time() + 1000000; echoed != posted && hv_ref_time() < until;) {
+        sti();
+        (void)inb(0x80);
+        cli();
+    }
+    if (echo)
+        report(posted > 0 && post_failed == 0 && echo_bad == 0 && echoed == posted,
+               "SynIC messages: %u posted, %u echoed in order, %u lost, %u posts failed (first status %lx), "
+               "%u out of order",
+               posted, echoed, posted - echoed, post_failed, first_status, echo_bad);
+    else
+        report(false, "SynIC messages: the hypercall page could not be enabled");
     u32 n = nticks;
     report(n >= 2, "periodic 1 ms: %u messages", n);
     if (n < 2)

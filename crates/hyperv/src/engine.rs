@@ -4,7 +4,9 @@ use crate::connections::{ConnectionError, Connections, EventConnection, MessageC
 use crate::guest::EngineConfig;
 use crate::platform::{Platform, TimerId, VpId, VpWork, VpWorkKind};
 use crate::refclock::{next_sequence, RefClock, TscPageStatus};
-use crate::state::{EngineState, PartitionState, RestoreError, VpState, STATE_VERSION};
+use crate::state::{
+    ConnectionIds, EngineState, PartitionState, RestoreError, VpState, STATE_VERSION,
+};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tlfs::msr::STIMER_COUNT;
@@ -242,6 +244,9 @@ impl<P: Platform> Engine<P> {
             version: STATE_VERSION,
             partition: self.part().clone(),
             vps,
+            connections: ConnectionIds::of(
+                &self.connections.read().unwrap_or_else(|e| e.into_inner()),
+            ),
         }
     }
 
@@ -270,6 +275,9 @@ impl<P: Platform> Engine<P> {
                 });
             }
         }
+        state.connections.check(&ConnectionIds::of(
+            &self.connections.read().unwrap_or_else(|e| e.into_inner()),
+        ))?;
         for (i, (m, v)) in self.vps.iter().zip(&state.vps).enumerate() {
             let id = VpId(i as u32);
             let mut cur = lock(m);

@@ -56,6 +56,21 @@ pub trait IoDevices: Send + Sync {
     }
     /// The VM is being reset (called with every vCPU paused).
     fn reset(&self) {}
+    /// The devices' state for a snapshot or migration (every vCPU stopped); none by default.
+    fn save_state(&self) -> Vec<crate::devices::DeviceState> {
+        Vec::new()
+    }
+    /// Loads device states from a snapshot or migration (every vCPU held). By default only an empty list is
+    /// accepted.
+    fn restore_state(&self, states: &[crate::devices::DeviceState]) -> Result<(), String> {
+        match states.first() {
+            None => Ok(()),
+            Some(s) => Err(format!(
+                "the stream has the state of device '{}', which this VM does not have",
+                s.id
+            )),
+        }
+    }
 }
 
 /// Loads the guest kernel into RAM; called at start and again on every reset (after RAM was cleared).

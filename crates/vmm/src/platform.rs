@@ -57,6 +57,14 @@ impl IoDevices for BusDevices {
     fn reset(&self) {
         self.bus().reset();
     }
+
+    fn save_state(&self) -> Vec<crate::devices::DeviceState> {
+        self.bus().save_states()
+    }
+
+    fn restore_state(&self, states: &[crate::devices::DeviceState]) -> Result<(), String> {
+        self.bus().restore_states(states)
+    }
 }
 
 /// A kernel image loaded with QEMU's `-kernel` semantics (Multiboot v1 ELF32, or an ELF64 entered in long

@@ -34,9 +34,32 @@ impl BochsShutdown {
     }
 }
 
+/// Schema version of the saved state (how many bytes of `"Shutdown"` were matched).
+const BOCHS_STATE_VERSION: u32 = 1;
+
 impl PioDevice for BochsShutdown {
     fn reset(&mut self) {
         self.matched = 0;
+    }
+
+    fn save_state(&self) -> Option<(&'static str, u32, serde_json::Value)> {
+        Some((
+            "bochs-shutdown",
+            BOCHS_STATE_VERSION,
+            super::encode_state(&self.matched),
+        ))
+    }
+
+    fn restore_state(&mut self, version: u32, state: &serde_json::Value) -> Result<(), String> {
+        let matched: usize = super::decode_state(version, BOCHS_STATE_VERSION, state)?;
+        if matched >= MAGIC.len() {
+            return Err(format!(
+                "{matched} bytes matched (at most {})",
+                MAGIC.len() - 1
+            ));
+        }
+        self.matched = matched;
+        Ok(())
     }
 
     fn read(&mut self, _offset: u16, data: &mut [u8]) {

@@ -128,7 +128,35 @@ impl FwCfg {
     }
 }
 
+/// Schema version of fw_cfg's saved state.
+const FW_CFG_STATE_VERSION: u32 = 1;
+
+/// fw_cfg's guest-visible state: the selected item and the read offset in it. The items themselves come from
+/// the destination's configuration (which must match the source's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedFwCfg {
+    selected: u16,
+    offset: u64,
+}
+
 impl PioDevice for FwCfg {
+    fn save_state(&self) -> Option<(&'static str, u32, serde_json::Value)> {
+        let saved = SavedFwCfg {
+            selected: self.selected,
+            offset: self.offset as u64,
+        };
+        Some(("fw_cfg", FW_CFG_STATE_VERSION, super::encode_state(&saved)))
+    }
+
+    fn restore_state(&mut self, version: u32, state: &serde_json::Value) -> Result<(), String> {
+        let saved: SavedFwCfg = super::decode_state(version, FW_CFG_STATE_VERSION, state)?;
+        // An offset past the item's end reads zeros, as on the source; it only has to fit in usize.
+        self.offset = usize::try_from(saved.offset)
+            .map_err(|_| format!("read offset {} is out of range", saved.offset))?;
+        self.selected = saved.selected & !FW_CFG_WRITE_CHANNEL;
+        Ok(())
+    }
+
     /// Items stay; the selection goes back to key 0 at offset 0.
     fn reset(&mut self) {
         self.select(FW_CFG_SIGNATURE);

@@ -351,7 +351,186 @@ impl HypervTestDevLink {
     }
 }
 
+/// Schema version of the device's saved state.
+const TESTDEV_STATE_VERSION: u32 = 1;
+
+/// A route or connection target: vCPU index and SINT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedTarget {
+    vp: u32,
+    sint: u8,
+}
+
+/// An echo waiting for its message slot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedEcho {
+    conn: u8,
+    target: SavedTarget,
+    message_type: u32,
+    payload: Vec<u8>,
+}
+
+/// The device's state: its SINT routes, message and event connections (re-registered with the destination's
+/// engine), the echoes waiting for a slot and the exit-count latch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedTestDev {
+    routes: Vec<(u32, u8)>,
+    msg_conns: Vec<(u8, SavedTarget)>,
+    evt_conns: Vec<(u8, SavedTarget)>,
+    staged: Vec<SavedEcho>,
+    latched: Option<(u64, u8)>,
+}
+
+fn saved_target(t: Target) -> SavedTarget {
+    SavedTarget {
+        vp: t.vp.0,
+        sint: t.sint,
+    }
+}
+
+impl Inner {
+    fn save(&self) -> SavedTestDev {
+        let st = lock(&self.state);
+        let mut s = SavedTestDev {
+            routes: st.routes.iter().copied().collect(),
+            msg_conns: st
+                .msg_conns
+                .iter()
+                .map(|(&c, &t)| (c, saved_target(t)))
+                .collect(),
+            evt_conns: st
+                .evt_conns
+                .iter()
+                .map(|(&c, &t)| (c, saved_target(t)))
+                .collect(),
+            staged: st
+                .staged
+                .iter()
+                .map(|(&conn, e)| SavedEcho {
+                    conn,
+                    target: saved_target(e.target),
+                    message_type: e.message_type,
+                    payload: e.payload.clone(),
+                })
+                .collect(),
+            latched: st.latched,
+        };
+        // A stable order: equal states save equally.
+        s.routes.sort_unstable();
+        s.msg_conns.sort_unstable_by_key(|&(c, _)| c);
+        s.evt_conns.sort_unstable_by_key(|&(c, _)| c);
+        s.staged.sort_unstable_by_key(|e| e.conn);
+        s
+    }
+
+    /// Replaces the device's state with `saved`, re-registering its connections with the engine. Everything
+    /// is checked first; only a connection id that something else registered with the engine meanwhile can
+    /// fail half-way.
+    fn restore(self: &Arc<Inner>, saved: SavedTestDev) -> Result<(), String> {
+        let engine = self.engine();
+        let target = |t: SavedTarget| -> Result<Target, String> {
+            let e = engine
+                .as_ref()
+                .ok_or("the device is not connected to the Hyper-V engine")?;
+            let ok = (t.vp as usize) < e.config().vp_indexes.len()
+                && usize::from(t.sint) < tlfs::msr::SINT_COUNT
+                && e.config().synic;
+            ok.then_some(Target {
+                vp: VpId(t.vp),
+                sint: t.sint,
+            })
+            .ok_or_else(|| format!("no SynIC SINT {} on vCPU {}", t.sint, t.vp))
+        };
+        let mut msg_conns = HashMap::new();
+        for &(c, t) in &saved.msg_conns {
+            if msg_conns.insert(c, target(t)?).is_some() {
+                return Err(format!("message connection {c} appears twice"));
+            }
+        }
+        let mut evt_conns = HashMap::new();
+        for &(c, t) in &saved.evt_conns {
+            if evt_conns.insert(c, target(t)?).is_some() {
+                return Err(format!("event connection {c} appears twice"));
+            }
+        }
+        let mut staged = HashMap::new();
+        for e in saved.staged {
+            if !msg_conns.contains_key(&e.conn) {
+                return Err(format!(
+                    "a waiting echo on connection {} has no connection",
+                    e.conn
+                ));
+            }
+            if e.payload.len() > hc::MESSAGE_PAYLOAD_MAX as usize {
+                return Err(format!(
+                    "a waiting echo of {} bytes (at most {})",
+                    e.payload.len(),
+                    hc::MESSAGE_PAYLOAD_MAX
+                ));
+            }
+            let s = Staged {
+                target: target(e.target)?,
+                message_type: e.message_type,
+                payload: e.payload,
+            };
+            if staged.insert(e.conn, s).is_some() {
+                return Err(format!("two waiting echoes on connection {}", e.conn));
+            }
+        }
+        let mut st = lock(&self.state);
+        if let Some(engine) = engine.as_ref() {
+            for &c in st.msg_conns.keys() {
+                engine.unregister_message_connection(u32::from(c));
+            }
+            for &c in st.evt_conns.keys() {
+                engine.unregister_event_connection(u32::from(c));
+            }
+            for &c in msg_conns.keys() {
+                let h = Arc::new(MsgConn {
+                    inner: Arc::downgrade(self),
+                    conn: c,
+                });
+                engine
+                    .register_message_connection(u32::from(c), h)
+                    .map_err(|e| format!("message connection {c}: {e}"))?;
+            }
+            for &c in evt_conns.keys() {
+                let h = Arc::new(EvtConn {
+                    inner: Arc::downgrade(self),
+                    conn: c,
+                });
+                engine
+                    .register_event_connection(u32::from(c), h)
+                    .map_err(|e| format!("event connection {c}: {e}"))?;
+            }
+        }
+        self.waiting.fetch_sub(st.staged.len(), Ordering::SeqCst);
+        self.waiting.fetch_add(staged.len(), Ordering::SeqCst);
+        *st = State {
+            routes: saved.routes.into_iter().collect(),
+            msg_conns,
+            evt_conns,
+            staged,
+            latched: saved.latched,
+        };
+        Ok(())
+    }
+}
+
 impl PioDevice for HypervTestDev {
+    fn save_state(&self) -> Option<(&'static str, u32, serde_json::Value)> {
+        Some((
+            "hyperv-testdev",
+            TESTDEV_STATE_VERSION,
+            super::encode_state(&self.inner.save()),
+        ))
+    }
+
+    fn restore_state(&mut self, version: u32, state: &serde_json::Value) -> Result<(), String> {
+        let saved: SavedTestDev = super::decode_state(version, TESTDEV_STATE_VERSION, state)?;
+        self.inner.restore(saved)
+    }
+
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         data.fill(0);
         if offset == 0 && data.len() == 4 {

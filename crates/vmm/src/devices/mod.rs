@@ -49,6 +49,18 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
     /// Returns the device to its power-on state (VM reset). Output sinks and configuration are kept.
     fn reset(&mut self) {}
+    /// The device's state for a snapshot or migration: `(name, schema version, state)`, or `None` for a device
+    /// without guest-visible state. Called with every vCPU stopped.
+    fn save_state(&self) -> Option<(&'static str, u32, serde_json::Value)> {
+        None
+    }
+    /// Loads a state from [`PioDevice::save_state`] of a device with the same name (on another machine);
+    /// `version` is the saved schema version. Called with every vCPU held, before they run.
+    fn restore_state(&mut self, version: u32, _state: &serde_json::Value) -> Result<(), String> {
+        Err(format!(
+            "this device has no state to load (version {version})"
+        ))
+    }
 }
 
 /// Little-endian value of up to 8 bytes (extra bytes are ignored).
@@ -228,6 +240,90 @@ impl PioBus {
     pub fn unhandled(&self) -> &Unhandled {
         &self.unhandled
     }
+
+    /// The state of every device that has one, in bus order (Device sections of a migration stream).
+    pub fn save_states(&self) -> Vec<DeviceState> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                e.device
+                    .save_state()
+                    .map(|(name, version, state)| DeviceState {
+                        id: device_id(name, e.base),
+                        version,
+                        state,
+                    })
+            })
+            .collect()
+    }
+
+    /// Loads saved device states. Every state must name a device of this bus (by name and I/O base), each at
+    /// most once; this is checked before any device is changed. Devices without a saved state keep theirs.
+    pub fn restore_states(&mut self, states: &[DeviceState]) -> Result<(), String> {
+        let mut targets = Vec::with_capacity(states.len());
+        for s in states {
+            let i = self
+                .entries
+                .iter()
+                .position(|e| {
+                    e.device
+                        .save_state()
+                        .is_some_and(|(name, _, _)| device_id(name, e.base) == s.id)
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "the stream has the state of device '{}', which this VM does not have",
+                        s.id
+                    )
+                })?;
+            if targets.contains(&i) {
+                return Err(format!("the stream has device '{}' twice", s.id));
+            }
+            targets.push(i);
+        }
+        for (s, i) in states.iter().zip(targets) {
+            self.entries[i]
+                .device
+                .restore_state(s.version, &s.state)
+                .map_err(|e| format!("cannot load the state of device '{}': {e}", s.id))?;
+        }
+        Ok(())
+    }
+}
+
+/// One device's saved state: the payload of a Device section of the migration stream.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// The device: its name and I/O base, e.g. `serial@0x3f8`.
+    pub id: String,
+    /// The device's schema version.
+    pub version: u32,
+    /// The state, in the device's schema.
+    pub state: serde_json::Value,
+}
+
+fn device_id(name: &str, base: u16) -> String {
+    format!("{name}@{base:#x}")
+}
+
+/// Decodes a device state of schema version `expected`.
+pub(crate) fn decode_state<T: serde::de::DeserializeOwned>(
+    version: u32,
+    expected: u32,
+    state: &serde_json::Value,
+) -> Result<T, String> {
+    if version != expected {
+        return Err(format!(
+            "state version {version} is not supported (this build reads version {expected})"
+        ));
+    }
+    T::deserialize(state).map_err(|e| format!("the state does not decode: {e}"))
+}
+
+/// Encodes a device state (serialising plain data into a JSON value cannot fail; a failure saves `null`,
+/// which the destination then refuses).
+pub(crate) fn encode_state<T: serde::Serialize>(state: &T) -> serde_json::Value {
+    serde_json::to_value(state).unwrap_or(serde_json::Value::Null)
 }
 
 /// The standard devices of the test-kernel platform on a new bus: COM1 at 0x3F8 writing to `serial`, the

@@ -7,8 +7,11 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
+
+/// vm-superio's input FIFO size.
+const FIFO_SIZE: usize = 64;
 
 use super::{DeviceAction, PioDevice};
 
@@ -136,6 +139,58 @@ impl SerialDevice {
     }
 }
 
+/// Schema version of the serial port's saved state.
+const SERIAL_STATE_VERSION: u32 = 1;
+
+/// The UART's registers and unread input (vm-superio's `SerialState`, which has no serde support).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedSerial {
+    dll: u8,
+    dlm: u8,
+    ier: u8,
+    iir: u8,
+    lcr: u8,
+    lsr: u8,
+    mcr: u8,
+    msr: u8,
+    scr: u8,
+    input: Vec<u8>,
+}
+
+impl From<SerialState> for SavedSerial {
+    fn from(s: SerialState) -> Self {
+        SavedSerial {
+            dll: s.baud_divisor_low,
+            dlm: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            input: s.in_buffer,
+        }
+    }
+}
+
+impl From<SavedSerial> for SerialState {
+    fn from(s: SavedSerial) -> Self {
+        SerialState {
+            baud_divisor_low: s.dll,
+            baud_divisor_high: s.dlm,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scr,
+            in_buffer: s.input,
+        }
+    }
+}
+
 impl PioDevice for SerialDevice {
     /// A fresh UART (registers at their power-on values, input FIFO empty) writing to the same sink.
     fn reset(&mut self) {
@@ -143,6 +198,32 @@ impl PioDevice for SerialDevice {
         // Pending output was already written through; flushing is best effort.
         let _ = sink.flush();
         self.uart = Serial::new(NoopTrigger, sink);
+    }
+
+    fn save_state(&self) -> Option<(&'static str, u32, serde_json::Value)> {
+        let saved = SavedSerial::from(self.uart.state());
+        Some(("serial", SERIAL_STATE_VERSION, super::encode_state(&saved)))
+    }
+
+    /// The registers and the unread input are loaded; the output sink stays this process's.
+    fn restore_state(&mut self, version: u32, state: &serde_json::Value) -> Result<(), String> {
+        let saved: SavedSerial = super::decode_state(version, SERIAL_STATE_VERSION, state)?;
+        // Check before the sink is taken, so a refused state leaves the UART as it was.
+        if saved.input.len() > FIFO_SIZE {
+            return Err(format!(
+                "{} bytes of unread input (the FIFO holds {FIFO_SIZE})",
+                saved.input.len()
+            ));
+        }
+        let sink = self.take_sink();
+        match Serial::from_state(&saved.into(), NoopTrigger, NoEvents, sink) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            // Cannot happen after the check above (NoopTrigger never fails); the sink is lost only then.
+            Err(e) => Err(format!("the UART refused the state: {e:?}")),
+        }
     }
 
     /// A wider access is split into byte accesses at consecutive registers, as QEMU does.

@@ -502,3 +502,165 @@ fn reset_returns_devices_to_power_on_state_and_keeps_sinks() {
     bus.write(0x3F8, b"!");
     assert_eq!(buf.lock().unwrap().as_slice(), b"!");
 }
+
+/// A bus like the platform's: COM1, fw_cfg, the Bochs port and hyperv-testdev (not attached to an engine).
+fn state_bus(sink: SerialSink) -> PioBus {
+    let mut bus = PioBus::new();
+    bus.insert(COM1_PORT, 8, Box::new(SerialDevice::new(sink)))
+        .unwrap();
+    bus.insert(FW_CFG_SELECTOR_PORT, 2, Box::new(FwCfg::new(128 << 20, 2)))
+        .unwrap();
+    bus.insert(BOCHS_SHUTDOWN_PORT, 1, Box::new(BochsShutdown::new()))
+        .unwrap();
+    bus.insert(HYPERV_TESTDEV_PORT, 4, Box::new(HypervTestDev::new().0))
+        .unwrap();
+    bus.insert(PIC_MASTER_PORT, 2, Box::new(Pic::new()))
+        .unwrap();
+    bus
+}
+
+fn inb(bus: &mut PioBus, port: u16) -> u8 {
+    let mut b = [0u8; 1];
+    bus.read(port, &mut b);
+    b[0]
+}
+
+#[test]
+fn device_state_moves_to_another_bus() {
+    let (sink, _) = buffer_sink();
+    let mut src = state_bus(sink);
+    // Serial: divisor, line control, scratch, and unread input.
+    for (reg, v) in [
+        (3u16, 0x80u8),
+        (0, 0x0C),
+        (1, 0x00),
+        (3, 0x1B),
+        (7, 0x5A),
+        (4, 0x0B),
+    ] {
+        src.write(COM1_PORT + reg, &[v]);
+    }
+    // fw_cfg: the signature item, two bytes read.
+    src.write(FW_CFG_SELECTOR_PORT, &FW_CFG_SIGNATURE.to_le_bytes());
+    assert_eq!(inb(&mut src, FW_CFG_DATA_PORT), b'Q');
+    assert_eq!(inb(&mut src, FW_CFG_DATA_PORT), b'E');
+    // Bochs: half of "Shutdown".
+    for &b in b"Shut" {
+        src.write(BOCHS_SHUTDOWN_PORT, &[b]);
+    }
+    let states = src.save_states();
+    let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "serial@0x3f8",
+            "fw_cfg@0x510",
+            "bochs-shutdown@0x8900",
+            "hyperv-testdev@0x3000"
+        ]
+    );
+
+    let (sink, out) = buffer_sink();
+    let mut dst = state_bus(sink);
+    dst.restore_states(&states).unwrap();
+    assert_eq!(dst.save_states(), states);
+    // The guest continues where it was: the next fw_cfg bytes, the rest of "Shutdown", the UART settings.
+    assert_eq!(inb(&mut dst, FW_CFG_DATA_PORT), b'M');
+    assert_eq!(inb(&mut dst, COM1_PORT + 3), 0x1B);
+    assert_eq!(inb(&mut dst, COM1_PORT + 7), 0x5A);
+    let mut action = DeviceAction::None;
+    for &b in b"down" {
+        action = dst.write(BOCHS_SHUTDOWN_PORT, &[b]);
+    }
+    assert_eq!(action, DeviceAction::Shutdown);
+    // Output goes to the destination's own sink.
+    dst.write(COM1_PORT, b"x");
+    assert_eq!(out.lock().unwrap().as_slice(), b"x");
+}
+
+#[test]
+fn serial_unread_input_survives() {
+    let mut src = SerialDevice::new(SerialSink::Null);
+    assert_eq!(src.enqueue_input(b"hi"), 2);
+    let (name, version, state) = src.save_state().unwrap();
+    assert_eq!(name, "serial");
+    let mut dst = SerialDevice::new(SerialSink::Null);
+    dst.restore_state(version, &state).unwrap();
+    assert_eq!(read1(&mut dst, 5) & 1, 1, "data ready");
+    assert_eq!(read1(&mut dst, 0), b'h');
+    assert_eq!(read1(&mut dst, 0), b'i');
+    assert_eq!(read1(&mut dst, 5) & 1, 0);
+}
+
+#[test]
+fn bad_device_states_are_refused() {
+    let (sink, _) = buffer_sink();
+    let good = state_bus(sink).save_states();
+    let with = |id: &str, f: &dyn Fn(&mut DeviceState)| {
+        let mut s = good.clone();
+        let d = s.iter_mut().find(|d| d.id == id).unwrap();
+        f(d);
+        s
+    };
+    let mut twice = good.clone();
+    twice.push(good[0].clone());
+    let mut unknown = good.clone();
+    unknown[1].id = "virtio@0x510".into();
+    let cases: Vec<(&str, Vec<DeviceState>, &str)> = vec![
+        (
+            "unknown device",
+            unknown,
+            "device 'virtio@0x510', which this VM does not have",
+        ),
+        ("twice", twice, "device 'serial@0x3f8' twice"),
+        (
+            "serial version",
+            with("serial@0x3f8", &|d| d.version = 2),
+            "state version 2 is not supported (this build reads version 1)",
+        ),
+        (
+            "serial garbage",
+            with("serial@0x3f8", &|d| {
+                d.state = serde_json::json!({"dll": "x"})
+            }),
+            "does not decode",
+        ),
+        (
+            "serial FIFO overflow",
+            with("serial@0x3f8", &|d| {
+                d.state["input"] = serde_json::json!(vec![1u8; 65])
+            }),
+            "65 bytes of unread input",
+        ),
+        (
+            "bochs overflow",
+            with("bochs-shutdown@0x8900", &|d| d.state = serde_json::json!(8)),
+            "8 bytes matched",
+        ),
+        (
+            "testdev without engine",
+            with("hyperv-testdev@0x3000", &|d| {
+                d.state["msg_conns"] = serde_json::json!([[1, {"vp": 0, "sint": 2}]])
+            }),
+            "not connected to the Hyper-V engine",
+        ),
+        (
+            "testdev echo without connection",
+            with("hyperv-testdev@0x3000", &|d| {
+                d.state["staged"] = serde_json::json!([{
+                    "conn": 4, "target": {"vp": 0, "sint": 2}, "message_type": 1, "payload": []
+                }])
+            }),
+            "has no connection",
+        ),
+    ];
+    for (name, states, frag) in cases {
+        let (sink, _) = buffer_sink();
+        let mut bus = state_bus(sink);
+        let e = bus.restore_states(&states).unwrap_err();
+        assert!(e.contains(frag), "{name}: {e}");
+    }
+    // The empty list (a stream from a VM without device state) is accepted.
+    let (sink, _) = buffer_sink();
+    assert!(state_bus(sink).restore_states(&[]).is_ok());
+}

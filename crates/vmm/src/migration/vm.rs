@@ -301,6 +301,9 @@ pub(crate) fn write_state<W: Write>(
         drop(st);
         w.json(SectionKind::Vcpu, &section)?;
     }
+    for d in shared.devices.save_state() {
+        w.json(SectionKind::Device, &d)?;
+    }
     if let Some(hv) = hv {
         let engine = hv.engine();
         let section = EngineSection {
@@ -393,6 +396,7 @@ pub fn restore<R: Read>(
     src.check_against(dest)?;
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
+    let mut devices: Vec<crate::devices::DeviceState> = Vec::new();
     let mut pending = loop {
         let s = r.expect_section()?;
         match s.kind {
@@ -414,13 +418,7 @@ pub fn restore<R: Read>(
                 }
                 engine = Some(s.json()?);
             }
-            SectionKind::Device => {
-                // No device carries state yet (docs/migration.md); unknown device sections are refused.
-                return Err(StreamError::Mismatch(
-                    "the stream carries device state this build cannot load".to_string(),
-                )
-                .into());
-            }
+            SectionKind::Device => devices.push(s.json()?),
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()).into())
             }
@@ -532,6 +530,12 @@ pub fn restore<R: Read>(
             );
         }
     }
+    // Devices before the engine: hyperv-testdev registers its SynIC connections again, which the engine's
+    // restore checks.
+    shared
+        .devices
+        .restore_state(&devices)
+        .map_err(|e| vm_err(format!("cannot restore the devices: {e}")))?;
     if let (Some(e), Some(hv)) = (engine, hv) {
         let engine = hv.engine();
         engine
