@@ -51,6 +51,12 @@ fn hypercall_inputs_outside_ram_on_mmio_straddling_huge_reps_full_sparse_sets() 
             "... every vCPU got the IPI once (2 of 2)",
             "SendSyntheticClusterIpiEx, 64 banks, input ends after 3 banks (end of RAM): result 3",
             "each of the 14 reserved control bits gives INVALID_HYPERCALL_INPUT",
+            // other accesses to the hypercall port
+            "`out dx, al` to port 0xE4 outside the page is a hypercall (2)",
+            "2- and 4-byte writes to port 0xE4 are ignored",
+            "a read of port 0xE4 returns all-ones",
+            "`rep outsb` of 5 bytes to port 0xE4: ignored or one hypercall per byte",
+            "a single `outsb` to port 0xE4 is a 1-byte OUT, hence a hypercall (2)",
         ],
     );
 }
