@@ -61,29 +61,53 @@ static void tick(struct regs *r)
     apic_eoi();
 }
 
-/* Lateness of tick i: its reference time minus the latest boundary t_start + k*period not after it, with k
- * strictly increasing (a tick that comes before a new boundary is "early"). */
+static void hist_add(u64 ns, int delta)
+{
+    u64 b = ns / 1000;
+    hist[b < HIST_BUCKETS ? b : HIST_BUCKETS - 1] += delta;
+    if (delta > 0 && ns > max_late_ns)
+        max_late_ns = ns;
+}
+
+/* Lateness of tick i: its reference time minus the boundary t_start + k*period it belongs to. Ticks are assigned
+ * greedily to the latest boundary not after them, with k strictly increasing. When two ticks fall between the
+ * same two boundaries (the first was delayed past the next boundary, e.g. its handler ran after that boundary
+ * fired), the first one belongs to the boundary before: it is moved there (a period later than first assumed)
+ * if that boundary is free, and the second takes its place. Only if that is impossible is a tick counted as
+ * "early" (assigned to a boundary after it). */
 static u64 compute_stats(u64 n)
 {
-    bool have = false;
+    bool have = false, have_prev2 = false, last_early = false;
+    u64 prev2_k = 0, last_late = 0;
     for (u64 i = 0; i < n; i++) {
         u64 now = hv_scale_tsc(tick_tsc[i], scale, offset);
         u64 k = now >= t_start ? (now - t_start) / period_100ns : 0;
-        if (have && k <= last_k)
-            k = last_k + 1;
+        if (have && k <= last_k) {
+            if (k == last_k && !last_early && last_k > 0 && (!have_prev2 || last_k - 1 > prev2_k)) {
+                hist_add(last_late, -1);
+                last_late += period_100ns * 100;
+                hist_add(last_late, 1);
+                if (first_k == last_k)
+                    first_k--;
+                last_k--;
+            } else {
+                k = last_k + 1;
+            }
+        }
         s64 late = (s64)now - (s64)(t_start + k * period_100ns);
+        last_early = late < 0;
         if (late < 0) {
             early++;
         } else {
-            u64 ns = (u64)late * 100;
-            u64 b = ns / 1000;
-            hist[b < HIST_BUCKETS ? b : HIST_BUCKETS - 1]++;
-            if (ns > max_late_ns)
-                max_late_ns = ns;
+            last_late = (u64)late * 100;
+            hist_add(last_late, 1);
         }
         if (!have) {
             first_t = now;
             first_k = k;
+        } else {
+            prev2_k = last_k;
+            have_prev2 = true;
         }
         have = true;
         last_k = k;

@@ -141,6 +141,16 @@ pub trait VcpuHook: Send + Sync {
     fn run_work(&self, vcpu: usize);
     /// The VM is being reset: every vCPU is paused, RAM was reloaded and the devices were reset.
     fn vm_reset(&self) {}
+    /// vCPU `vcpu` is about to sleep halted and will watch its own hook timers until
+    /// [`VcpuHook::release_timers`] (the hook's timer thread leaves them alone, unless they are re-armed):
+    /// returns the earliest deadline in nanoseconds on the machine clock (`now_ns` is now), `None` if none.
+    /// Called on the vCPU's thread with no machine lock held.
+    fn claim_timers(&self, _vcpu: usize, _now_ns: u64) -> Option<u64> {
+        None
+    }
+    /// The halted vCPU woke: its hook timers go back to the hook's timer thread, and those due now expire
+    /// (their work is queued for the vCPU). Called on the vCPU's thread with no machine lock held.
+    fn release_timers(&self, _vcpu: usize) {}
     /// Called on vCPU `vcpu`'s thread with its state locked, after every exit and before pending interrupts
     /// are evaluated or the vCPU parks (hv-vapic exit-less EOI: the hook may complete an EOI the guest
     /// signalled through memory). Returns the EOI it performed; the machine reports it to the [`EoiHook`].

@@ -1,6 +1,7 @@
-//! Host time for the guest: a monotonic nanosecond clock and the guest TSC, plus the timer thread that fires
-//! the APIC timers of all vCPUs at their host deadlines (no polling: it sleeps on a condition variable until
-//! the earliest deadline or until a deadline changes).
+//! Host time for the guest: a monotonic nanosecond clock and the guest TSC, plus the queue of APIC timer
+//! deadlines that the timer thread fires at their host deadlines (no polling: it sleeps on a condition variable
+//! until the earliest deadline or until an earlier one is set). A halted vCPU claims its own deadline and
+//! sleeps until it itself ([`TimerQueue::claim`]).
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -44,70 +45,142 @@ impl Clock {
 }
 
 /// The per-vCPU APIC timer deadlines (host nanoseconds on the [`Clock`]), watched by the timer thread.
+///
+/// A halted vCPU can *claim* its own deadline ([`TimerQueue::claim`]): it then sleeps with that deadline as
+/// its timeout and fires its timer itself when it wakes, so a tick that ends a halt needs one thread wake-up
+/// instead of two (timer thread, then vCPU thread). The timer thread ignores claimed deadlines until the vCPU
+/// gives them back ([`TimerQueue::release`]) or someone else changes them ([`TimerQueue::set`] un-claims).
 #[derive(Debug)]
 pub struct TimerQueue {
-    deadlines: Mutex<Vec<Option<u64>>>,
+    slots: Mutex<Slots>,
     changed: Condvar,
+}
+
+#[derive(Debug)]
+struct Slots {
+    deadlines: Vec<Option<u64>>,
+    claimed: Vec<bool>,
+    /// While the timer thread sleeps: the time its sleep ends (`u64::MAX` without a deadline).
+    sleeping_until: Option<u64>,
+}
+
+impl Slots {
+    /// Whether a deadline at `t` needs the sleeping timer thread woken (it would otherwise sleep past it). When
+    /// the thread is awake it re-reads the deadlines before it sleeps again.
+    fn must_wake_for(&self, t: u64) -> bool {
+        self.sleeping_until.is_some_and(|u| t < u)
+    }
 }
 
 impl TimerQueue {
     /// A queue for `n` vCPUs with nothing armed.
     pub fn new(n: usize) -> TimerQueue {
         TimerQueue {
-            deadlines: Mutex::new(vec![None; n]),
+            slots: Mutex::new(Slots {
+                deadlines: vec![None; n],
+                claimed: vec![false; n],
+                sleeping_until: None,
+            }),
             changed: Condvar::new(),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sets (or clears) vCPU `i`'s deadline. Call it with vCPU `i`'s state locked, right after the APIC
-    /// operation that changed the deadline, so updates for one vCPU are ordered.
+    /// operation that changed the deadline, so updates for one vCPU are ordered. A claimed deadline goes back
+    /// to the timer thread.
     pub fn set(&self, i: usize, deadline_ns: Option<u64>) {
-        let mut d = self.deadlines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = d.get_mut(i) {
-            if *slot != deadline_ns {
-                *slot = deadline_ns;
-                self.changed.notify_all();
+        let mut s = self.lock();
+        let Some(slot) = s.deadlines.get_mut(i) else {
+            return;
+        };
+        let changed = *slot != deadline_ns;
+        *slot = deadline_ns;
+        let was_claimed = std::mem::take(&mut s.claimed[i]);
+        if (changed || was_claimed) && deadline_ns.is_some_and(|t| s.must_wake_for(t)) {
+            self.changed.notify_all();
+        }
+    }
+
+    /// vCPU `i` is about to sleep halted and watches its own deadline until [`TimerQueue::release`]: returns
+    /// the deadline (`None`: nothing armed).
+    pub fn claim(&self, i: usize) -> Option<u64> {
+        let mut s = self.lock();
+        let d = *s.deadlines.get(i)?;
+        s.claimed[i] = true;
+        d
+    }
+
+    /// vCPU `i` woke: the timer thread watches its deadline again. Returns whether the deadline is due at
+    /// `now_ns` (the caller then fires the timer and [`TimerQueue::set`]s the next deadline).
+    pub fn release(&self, i: usize, now_ns: u64) -> bool {
+        let mut s = self.lock();
+        let Some(&d) = s.deadlines.get(i) else {
+            return false;
+        };
+        s.claimed[i] = false;
+        match d {
+            Some(t) if t <= now_ns => true,
+            Some(t) => {
+                if s.must_wake_for(t) {
+                    self.changed.notify_all();
+                }
+                false
             }
+            None => false,
         }
     }
 
     /// Wakes the timer thread (to re-check its stop condition).
     pub fn notify(&self) {
-        let _d = self.deadlines.lock().unwrap_or_else(|e| e.into_inner());
+        let _s = self.lock();
         self.changed.notify_all();
     }
 
-    /// Blocks until at least one deadline is due (returns the due vCPUs, whose deadlines are cleared) or
-    /// `stop()` returns true (returns `None`).
+    /// Blocks until at least one unclaimed deadline is due (returns the due vCPUs, whose deadlines are cleared)
+    /// or `stop()` returns true (returns `None`).
     pub fn wait_due(&self, clock: &Clock, stop: impl Fn() -> bool) -> Option<Vec<usize>> {
-        let mut d = self.deadlines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
         loop {
             if stop() {
                 return None;
             }
             let now = clock.now_ns();
-            let due: Vec<usize> = d
+            let watched = |s: &Slots| {
+                s.deadlines
+                    .iter()
+                    .zip(&s.claimed)
+                    .enumerate()
+                    .filter_map(|(i, (d, &c))| if c { None } else { d.map(|t| (i, t)) })
+                    .collect::<Vec<(usize, u64)>>()
+            };
+            let live = watched(&s);
+            let due: Vec<usize> = live
                 .iter()
-                .enumerate()
-                .filter(|(_, x)| x.is_some_and(|t| t <= now))
-                .map(|(i, _)| i)
+                .filter(|&&(_, t)| t <= now)
+                .map(|&(i, _)| i)
                 .collect();
             if !due.is_empty() {
                 for &i in &due {
-                    d[i] = None;
+                    s.deadlines[i] = None;
                 }
                 return Some(due);
             }
-            let next = d.iter().flatten().min().copied();
-            d = match next {
+            let next = live.iter().map(|&(_, t)| t).min();
+            s.sleeping_until = Some(next.unwrap_or(u64::MAX));
+            s = match next {
                 Some(t) => {
                     self.changed
-                        .wait_timeout(d, Duration::from_nanos(t - now))
+                        .wait_timeout(s, Duration::from_nanos(t - now))
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
-                None => self.changed.wait(d).unwrap_or_else(|e| e.into_inner()),
+                None => self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
             };
+            s.sleeping_until = None;
         }
     }
 }
@@ -157,6 +230,46 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         q.notify();
         assert_eq!(t.join().unwrap(), None);
+    }
+
+    #[test]
+    fn claimed_deadlines_are_left_to_the_vcpu() {
+        // (deadline of vCPU 0 relative to now in ms, release delay in ms, due at release)
+        let cases: [(Option<u64>, u64, bool); 3] =
+            [(None, 0, false), (Some(1), 5, true), (Some(500), 0, false)];
+        for (rel, wait_ms, due) in cases {
+            let clock = Arc::new(Clock::new(1_000_000));
+            let q = Arc::new(TimerQueue::new(2));
+            let now = clock.now_ns();
+            let d0 = rel.map(|ms| now + ms * 1_000_000);
+            q.set(0, d0);
+            q.set(1, Some(now + 30_000_000));
+            assert_eq!(q.claim(0), d0);
+            // The timer thread skips the claimed deadline: vCPU 1's, later, is the first it reports.
+            let (q2, c2) = (q.clone(), clock.clone());
+            let t = std::thread::spawn(move || q2.wait_due(&c2, || false));
+            std::thread::sleep(Duration::from_millis(wait_ms));
+            assert_eq!(q.release(0, clock.now_ns()), due, "{rel:?}");
+            if due {
+                q.set(0, Some(clock.now_ns() + 60_000_000));
+            }
+            assert_eq!(t.join().unwrap(), Some(vec![1]), "{rel:?}");
+        }
+    }
+
+    #[test]
+    fn setting_a_claimed_deadline_gives_it_back() {
+        let clock = Arc::new(Clock::new(1_000_000));
+        let q = Arc::new(TimerQueue::new(1));
+        q.set(0, Some(clock.now_ns() + 5_000_000_000));
+        assert!(q.claim(0).is_some());
+        let (q2, c2) = (q.clone(), clock.clone());
+        let t = std::thread::spawn(move || q2.wait_due(&c2, || false));
+        std::thread::sleep(Duration::from_millis(10));
+        // Someone else re-arms the timer (e.g. an APIC write from another thread): the timer thread, asleep
+        // without a deadline, must be woken for it.
+        q.set(0, Some(clock.now_ns() + 1_000_000));
+        assert_eq!(t.join().unwrap(), Some(vec![0]));
     }
 
     #[test]

@@ -219,6 +219,9 @@ struct Ctx {
     needs_completion: bool,
     /// This vCPU already reported itself stuck in the current sleep.
     reported_stuck: bool,
+    /// While halted with IF=1: this thread watches its own APIC and hook timers (claimed from their timer
+    /// threads), and the earliest deadline (machine-clock ns) is its sleep's timeout.
+    halt_claim: Option<Option<u64>>,
 }
 
 /// A deferred action that needs the vCPU fd, which the exit value borrows.
@@ -262,6 +265,8 @@ impl PortBytes {
 
 pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, init: InitialState) {
     let me = &shared.vcpus[index];
+    // A halted vCPU sleeps until its own timer deadline (`Ctx::halt_wait`): keep that sleep precise.
+    crate::timer::set_precise_timer_slack();
     let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
     // SAFETY: the pointer refers to the kvm_run mapping owned by `fd`, which outlives the publication: the
     // kicker is unpublished below before `fd` is dropped.
@@ -275,6 +280,7 @@ pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, i
         init,
         needs_completion: false,
         reported_stuck: false,
+        halt_claim: None,
     };
     let result = ctx.run_loop(&mut fd);
     me.kicker.unpublish();
@@ -385,6 +391,70 @@ impl Ctx {
         me.wake.wait(st).unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Halted with IF=1 and nothing pending: sleeps until woken or until the claimed timer deadline, then gives
+    /// the timers back (firing what is due) so that the loop re-checks for an interrupt.
+    fn halt_wait<'a>(
+        &mut self,
+        me: &'a VcpuShared,
+        st: std::sync::MutexGuard<'a, crate::machine::VcpuState>,
+    ) -> std::sync::MutexGuard<'a, crate::machine::VcpuState> {
+        let Some(deadline) = self.halt_claim else {
+            // Claim first, then let the loop re-check everything (the hook is called without the state lock:
+            // something may have arrived in between) before it comes back here to sleep.
+            let apic = self.shared.timers.claim(self.index);
+            drop(st);
+            let now = self.shared.clock.now_ns();
+            let hook = self
+                .shared
+                .vcpu_hook
+                .get()
+                .and_then(|h| h.claim_timers(self.index, now));
+            self.halt_claim = Some(match (apic, hook) {
+                (Some(a), Some(h)) => Some(a.min(h)),
+                (a, h) => a.or(h),
+            });
+            return me.lock();
+        };
+        let now = self.shared.clock.now_ns();
+        let st = match deadline {
+            None => me.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Some(d) if d > now => {
+                me.wake
+                    .wait_timeout(st, std::time::Duration::from_nanos(d - now))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            Some(_) => st,
+        };
+        drop(st);
+        self.release_timers(me)
+    }
+
+    /// Gives claimed timers back to their threads, expiring those that are due (the hook queues their work; the
+    /// APIC timer fires here). Called without the state lock; returns it.
+    fn release_timers<'a>(
+        &mut self,
+        me: &'a VcpuShared,
+    ) -> std::sync::MutexGuard<'a, crate::machine::VcpuState> {
+        let shared = &self.shared;
+        if self.halt_claim.take().is_some() {
+            if let Some(h) = shared.vcpu_hook.get() {
+                h.release_timers(self.index);
+            }
+        }
+        let mut st = me.lock();
+        let now = shared.clock.now_ns();
+        if shared.timers.release(self.index, now) {
+            let tsc = shared.guest_tsc(&st);
+            // The interrupt it may request is picked up by the loop; nobody else needs waking.
+            let _ = st.apic.timer_tick(now, tsc);
+            // Never re-arm in the past (as the timer thread does).
+            let next = st.apic.next_timer_deadline_ns().map(|d| d.max(now + 1_000));
+            shared.timers.set(self.index, next);
+        }
+        st
+    }
+
     fn run_loop(&mut self, fd: &mut VcpuFd) -> Result<(), String> {
         let shared = self.shared.clone();
         let me = &shared.vcpus[self.index];
@@ -394,6 +464,14 @@ impl Ctx {
             let (inject, nmi, window) = loop {
                 if shared.stopping() {
                     return Ok(());
+                }
+                if self.halt_claim.is_some()
+                    && (st.pause > 0 || !matches!(st.run, RunState::Halted { if_flag: true }))
+                {
+                    // Leaving the halt (or parking): the timer threads watch this vCPU's timers again.
+                    drop(st);
+                    st = self.release_timers(me);
+                    continue;
                 }
                 if let Some(h) = shared.vcpu_hook.get() {
                     // Exit-less EOI completed by the guest since the last entry: perform it before anything
@@ -497,7 +575,11 @@ impl Ctx {
                             st.run = RunState::Runnable;
                             continue;
                         }
-                        st = self.sleep(me, st);
+                        st = if if_flag {
+                            self.halt_wait(me, st)
+                        } else {
+                            self.sleep(me, st)
+                        };
                         continue;
                     }
                     RunState::Stopped => {
@@ -525,6 +607,10 @@ impl Ctx {
                 if let Some(h) = shared.vcpu_hook.get() {
                     h.sync_to_guest(self.index, &st.apic);
                 }
+                // Every kick so far asked for a look at state that was just looked at (wakers change it under
+                // this lock before they kick): a leftover `immediate_exit` would only cost an empty KVM_RUN round
+                // trip (the usual case for a vCPU woken from a halt, whose kick lands while it sleeps).
+                me.kicker.set_immediate_exit(0);
                 st.in_guest = true;
                 break (inject, nmi, window);
             };

@@ -278,6 +278,23 @@ impl VcpuHook for HvVcpuHook {
         }
     }
 
+    fn claim_timers(&self, vcpu: usize, now_ns: u64) -> Option<u64> {
+        let vp = VpId(vcpu as u32);
+        let deadline = self.0.platform().timers().claim(vp)?;
+        let now = self.0.reference_time(vp);
+        // Reference time counts 100 ns units; round the host deadline up, so the vCPU never wakes early.
+        Some(now_ns.saturating_add(deadline.saturating_sub(now).saturating_mul(100)))
+    }
+
+    fn release_timers(&self, vcpu: usize) {
+        let vp = VpId(vcpu as u32);
+        let p = self.0.platform();
+        let now = self.0.reference_time(vp);
+        for t in p.timers().release(vp, now) {
+            p.queue_timer(vp, t);
+        }
+    }
+
     fn sync_from_guest(&self, vcpu: usize, apic: &mut crate::apic::LocalApic) -> Option<Eoi> {
         let p = self.0.platform();
         p.pv_eoi()
