@@ -319,8 +319,11 @@ static void stimer_edges(void)
     idle_for(ms(5));
     wrmsr(HV_MSR_STIMER0_CONFIG + 2, 0);
     u32 storm = hits[0x42];
+    idle_for(ms(2)); /* an expiry already in the IRR is still delivered once */
+    u32 after = hits[0x42];
     idle_for(ms(2));
-    report(storm > 0 && hits[0x42] == storm, "a 100 ns periodic direct stimer delivers (%u interrupts) and stops", storm);
+    report(storm > 0 && after <= storm + 1 && hits[0x42] == after,
+           "a 100 ns periodic direct stimer delivers (%u interrupts) and stops", storm);
 
     /* Count 0: clears enable (one-shot and periodic); an enabled timer with count 0 never runs. */
     memset((void *)hits, 0, sizeof(hits));
@@ -439,9 +442,80 @@ static void stimer_storm(void)
     for (unsigned n = 0; n < 4; n++)
         stimer_config(n, 0);
     u32 storm = hits[0x42];
+    idle_for(ms(5)); /* an expiry already in the IRR is still delivered once */
+    u32 after = hits[0x42];
     idle_for(ms(5));
-    report(storm > 0 && hits[0x42] == storm, "four 100 ns periodic stimers at once: %u interrupts, then silence",
-           storm);
+    report(storm > 0 && after <= storm + 1 && hits[0x42] == after,
+           "four 100 ns periodic stimers at once: %u interrupts, then silence", storm);
+}
+
+/* Exit-less EOI (hv-vapic, KVM's PV-EOI through bit 0 of the assist page's first u32) when the interrupt
+ * handler moves or disables the assist page right after clearing the bit, or without clearing it. KVM
+ * completes a cleared bit's EOI at the exit, before it handles the MSR write; an uncleared bit means no EOI. */
+#define PV_VECTOR 0x50
+static volatile u32 *pv_assist;
+static volatile u64 pv_next_page; /* what the handler writes to VP_ASSIST_PAGE */
+static volatile u32 pv_taken, pv_plain, pv_clear;
+
+static void pv_handler(struct regs *r)
+{
+    (void)r;
+    u8 bit;
+    asm volatile("lock btrl $0, %1; setc %b0" : "=q"(bit), "+m"(*pv_assist) : : "memory", "cc");
+    if (bit && !pv_clear) {
+        *pv_assist |= 1; /* put it back: this handler "forgets" the exit-less EOI */
+    }
+    if (bit)
+        pv_taken++;
+    else {
+        pv_plain++;
+        apic_eoi();
+    }
+    wrmsr(HV_MSR_VP_ASSIST_PAGE, pv_next_page);
+}
+
+static void pveoi_page_changes(void)
+{
+    if (apic_mode() != APIC_X2APIC) {
+        report_skip("exit-less EOI cases need x2APIC");
+        return;
+    }
+    set_irq_handler(PV_VECTOR, pv_handler);
+    static const struct {
+        const char *name;
+        bool clear; /* the handler clears the bit (does the exit-less EOI) */
+        bool move;  /* moves the page (else disables it) */
+    } cases[] = {
+        {"cleared, then the page disabled", true, false},
+        {"cleared, then the page moved", true, true},
+        {"not cleared, then the page disabled", false, false},
+        {"not cleared, then the page moved", false, true},
+    };
+    for (unsigned i = 0; i < ARRAY_SIZE(cases); i++) {
+        u8 *a = alloc_pages(1), *b = alloc_pages(1);
+        pv_assist = (volatile u32 *)a;
+        wrmsr(HV_MSR_VP_ASSIST_PAGE, (u64)a | 1);
+        pv_next_page = cases[i].move ? (u64)b | 1 : 0;
+        pv_clear = cases[i].clear;
+        pv_taken = pv_plain = 0;
+        apic_send_ipi(apic_id(), PV_VECTOR);
+        idle_for(ms(2));
+        bool in_service = apic_vector_set(APIC_ISR, PV_VECTOR);
+        if (pv_plain) {
+            report_skip("%s: the exit-less EOI was not offered", cases[i].name);
+        } else if (cases[i].clear) {
+            report(pv_taken == 1 && !in_service, "exit-less EOI %s: the EOI is done (in service: %d)", cases[i].name,
+                   in_service);
+        } else {
+            report(pv_taken == 1 && in_service, "exit-less EOI %s: no EOI, the vector stays in service (%d)",
+                   cases[i].name, in_service);
+        }
+        if (apic_vector_set(APIC_ISR, PV_VECTOR))
+            apic_eoi();
+        wrmsr(HV_MSR_VP_ASSIST_PAGE, 0);
+    }
+    report(!apic_vector_set(APIC_ISR, PV_VECTOR), "... and nothing stays in service afterwards");
+    set_irq_handler(PV_VECTOR, NULL);
 }
 
 static void eom_flood(void)
@@ -501,6 +575,7 @@ int main(void)
     eom_flood();
     testdev_garbage();
     stimer_storm();
+    pveoi_page_changes();
     report(hv_hypercall(0x7FFF, 0, 0) == HV_STATUS_INVALID_HYPERCALL_CODE, "hypercalls still work at the end");
     return 0;
 }

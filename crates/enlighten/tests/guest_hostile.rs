@@ -102,6 +102,11 @@ fn msr_read_only_reserved_bits_sint_vectors_pages_outside_ram_stimer_edges_eom_f
             "a duplicate MSG_CONN_CREATE keeps the first target",
             "after MSG_CONN_DESTROY (twice) PostMessage gives 12",
             "four 100 ns periodic stimers at once",
+            "exit-less EOI cleared, then the page disabled: the EOI is done",
+            "exit-less EOI cleared, then the page moved: the EOI is done",
+            "exit-less EOI not cleared, then the page disabled: no EOI",
+            "exit-less EOI not cleared, then the page moved: no EOI",
+            "... and nothing stays in service afterwards",
             "hypercalls still work at the end",
         ],
     );

@@ -135,7 +135,9 @@ pub trait Platform: Send + Sync {
     }
 
     /// VP `vp`'s VP assist page was enabled at `gpa` (or disabled with `None`): the APIC model may use its first
-    /// u32 for exit-less EOI (KVM's PV-EOI semantics; engine II). Default: ignored.
+    /// u32 for exit-less EOI (KVM's PV-EOI semantics; engine II). Called on `vp`'s thread during the MSR write,
+    /// before the engine zeroes the new page's first u32, so that an exit-less EOI pending against the old page
+    /// can be settled from its contents first. Default: ignored.
     fn pv_eoi_page_changed(&self, vp: VpId, gpa: Option<u64>) {
         let _ = (vp, gpa);
     }

@@ -82,12 +82,24 @@ pub(crate) fn write<P: Platform>(
     if page.enable() {
         let gpa = value & !PAGE_OFFSET_MASK;
         let addr = gpa + VP_ASSIST_APIC_ASSIST_OFFSET;
-        platform
-            .write_gpa(addr, &0u32.to_le_bytes())
-            .map_err(|_| Gp)?;
+        if !platform.is_ram(addr, 4) {
+            return Err(Gp);
+        }
+        // The platform hears of the change before the first u32 is zeroed: an exit-less EOI still pending
+        // against the old page is settled from the old contents (KVM syncs PV-EOI at the exit, before it handles
+        // this write), which matters when the handler re-enables the page at the same address.
+        platform.pv_eoi_page_changed(id, Some(gpa));
+        if platform.write_gpa(addr, &0u32.to_le_bytes()).is_err() {
+            let old = msr::VpAssistPageMsr::from_bits(vp.vp_assist_page);
+            platform.pv_eoi_page_changed(
+                id,
+                old.enable()
+                    .then_some(vp.vp_assist_page & !PAGE_OFFSET_MASK),
+            );
+            return Err(Gp);
+        }
         platform.mark_dirty(addr, 4);
         vp.vp_assist_page = value;
-        platform.pv_eoi_page_changed(id, Some(gpa));
     } else {
         vp.vp_assist_page = value;
         platform.pv_eoi_page_changed(id, None);

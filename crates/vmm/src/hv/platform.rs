@@ -306,7 +306,9 @@ impl Platform for VmmPlatform {
     fn pv_eoi_page_changed(&self, vp: VpId, gpa: Option<u64>) {
         self.pv_eoi.set_page(
             vp.index(),
+            &self.handle,
             gpa.map(|g| g + tlfs::pages::VP_ASSIST_APIC_ASSIST_OFFSET),
+            &|gpa, len| self.mark_dirty(gpa, len),
         );
     }
 

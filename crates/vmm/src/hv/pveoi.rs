@@ -31,6 +31,9 @@ struct Slot {
     gpa: Option<u64>,
     /// The vector whose EOI the bit currently stands for.
     pending: Option<u8>,
+    /// An exit-less EOI the guest completed just before it moved or disabled the page (in the same run, with
+    /// no exit in between), to be performed at the next [`PvEoi::sync_from_guest`].
+    owed: Option<u8>,
 }
 
 /// Per-vCPU exit-less EOI state.
@@ -56,12 +59,40 @@ impl PvEoi {
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The VP assist page of `vcpu` was enabled at `gpa` or disabled. A pending exit-less EOI is forgotten (the
-    /// engine zeroed the page's first u32, as KVM does).
-    pub fn set_page(&self, vcpu: usize, gpa: Option<u64>) {
-        if let Some(mut s) = self.slot(vcpu) {
-            *s = Slot { gpa, pending: None };
+    /// The VP assist page of `vcpu` is being enabled at `gpa` or disabled (called during the guest's MSR write,
+    /// before the engine zeroes the new page's first u32). An exit-less EOI pending against the old page is
+    /// settled from the old page's bit first, as KVM does at the exit before it handles the write: cleared by the
+    /// guest → the EOI is owed and performed by the next [`PvEoi::sync_from_guest`] (not here: the EOI hook must
+    /// not run inside the engine's MSR write); still set → no EOI, and the bit is cleared in the old page.
+    pub fn set_page(
+        &self,
+        vcpu: usize,
+        mem: &VmHandle,
+        gpa: Option<u64>,
+        dirty: &dyn Fn(u64, u64),
+    ) {
+        let Some(mut s) = self.slot(vcpu) else {
+            return;
+        };
+        let mut owed = s.owed;
+        if let (Some(vector), Some(old)) = (s.pending, s.gpa) {
+            let mem = mem.memory();
+            if let Ok(word) = mem.read_obj::<u32>(GuestAddress(old)) {
+                if word & NO_EOI_REQUIRED == 0 {
+                    owed = Some(vector);
+                } else if mem
+                    .write_obj(word & !NO_EOI_REQUIRED, GuestAddress(old))
+                    .is_ok()
+                {
+                    dirty(old, 4);
+                }
+            }
         }
+        *s = Slot {
+            gpa,
+            pending: None,
+            owed,
+        };
     }
 
     /// Number of EOIs completed exit-lessly so far (all vCPUs).
@@ -80,6 +111,17 @@ impl PvEoi {
         dirty: &dyn Fn(u64, u64),
     ) -> Option<Eoi> {
         let mut s = self.slot(vcpu)?;
+        if let Some(vector) = s.owed.take() {
+            // Completed by the guest before it changed the page: only that vector, alone in service.
+            if !apic.is_in_service(vector) || apic.isr_count() != 1 {
+                return None;
+            }
+            let eoi = apic.eoi();
+            if eoi.is_some() {
+                self.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            return eoi;
+        }
         let vector = s.pending.take()?;
         let gpa = s.gpa?;
         let mem = mem.memory();
@@ -248,7 +290,7 @@ mod tests {
         let mark = |gpa: u64, len: u64| dirty.borrow_mut().push((gpa, len));
         for &(name, in_service, level, requested, guest, offered, eoi) in CASES {
             let pv = PvEoi::new(1);
-            pv.set_page(0, Some(ASSIST));
+            pv.set_page(0, &h, Some(ASSIST), &mark);
             h.memory().write_obj(0u32, GuestAddress(ASSIST)).unwrap();
             let mut apic = enabled_apic();
             for &v in in_service {
@@ -305,7 +347,7 @@ mod tests {
         let h = m.handle();
         for page in [None, Some(1u64 << 40), Some(u64::MAX - 1)] {
             let pv = PvEoi::new(1);
-            pv.set_page(0, page);
+            pv.set_page(0, &h, page, &|_, _| {});
             let mut apic = enabled_apic();
             apic.accept_fixed(0x50, false);
             apic.ack_interrupt(0x50);
@@ -315,9 +357,87 @@ mod tests {
         }
         // Unknown vCPUs are ignored.
         let pv = PvEoi::new(1);
-        pv.set_page(5, Some(ASSIST));
+        pv.set_page(5, &h, Some(ASSIST), &|_, _| {});
         let mut apic = enabled_apic();
         pv.sync_to_guest(5, &h, &apic, &|_, _| {});
         assert!(pv.sync_from_guest(5, &h, &mut apic, &|_, _| {}).is_none());
+    }
+
+    /// The guest's handler changes the VP assist page right after the entry that offered an exit-less EOI, with
+    /// no exit in between: KVM syncs PV-EOI at that exit before handling the MSR write, so a cleared bit is an
+    /// EOI and a set bit is not (and is cleared in the old page).
+    #[test]
+    fn page_changed_while_an_exit_less_eoi_is_pending() {
+        let cfg = VmConfig {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ..VmConfig::default()
+        };
+        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let h = m.handle();
+        const OTHER: u64 = 0x9000;
+        // (case, the guest cleared the bit, new page, EOI performed)
+        let cases: &[(&str, bool, Option<u64>, bool)] = &[
+            ("cleared, page disabled", true, None, true),
+            ("cleared, page moved", true, Some(OTHER), true),
+            (
+                "cleared, page re-enabled in place",
+                true,
+                Some(ASSIST),
+                true,
+            ),
+            ("not cleared, page disabled", false, None, false),
+            ("not cleared, page moved", false, Some(OTHER), false),
+            (
+                "not cleared, page re-enabled in place",
+                false,
+                Some(ASSIST),
+                false,
+            ),
+            ("cleared, page moved outside RAM", true, Some(1 << 40), true),
+        ];
+        for &(name, cleared, new_page, eoi) in cases {
+            let pv = PvEoi::new(1);
+            h.memory().write_obj(0u32, GuestAddress(ASSIST)).unwrap();
+            pv.set_page(0, &h, Some(ASSIST), &|_, _| {});
+            let mut apic = enabled_apic();
+            apic.accept_fixed(0x50, false);
+            apic.ack_interrupt(0x50);
+            pv.sync_to_guest(0, &h, &apic, &|_, _| {});
+            let word: u32 = h.memory().read_obj(GuestAddress(ASSIST)).unwrap();
+            assert_eq!(word & NO_EOI_REQUIRED, 1, "{name}: offered");
+            if cleared {
+                h.memory().write_obj(0u32, GuestAddress(ASSIST)).unwrap();
+            }
+            // The engine tells the platform before it zeroes the new page's first u32.
+            let dirty = std::cell::RefCell::new(Vec::new());
+            pv.set_page(0, &h, new_page, &|gpa, len| {
+                dirty.borrow_mut().push((gpa, len))
+            });
+            if let Some(p) = new_page.filter(|&p| p < (1 << 20)) {
+                h.memory().write_obj(0u32, GuestAddress(p)).unwrap();
+            }
+            let done = pv.sync_from_guest(0, &h, &mut apic, &|_, _| {});
+            assert_eq!(done.map(|e| e.vector), eoi.then_some(0x50), "{name}: EOI");
+            assert_eq!(apic.is_in_service(0x50), !eoi, "{name}: ISR");
+            let old: u32 = h.memory().read_obj(GuestAddress(ASSIST)).unwrap();
+            assert_eq!(
+                old & NO_EOI_REQUIRED,
+                0,
+                "{name}: the old page's bit is cleared"
+            );
+            assert_eq!(
+                !dirty.borrow().is_empty(),
+                !cleared,
+                "{name}: the VMM wrote (and marked dirty) the old page only to clear an unused bit"
+            );
+            assert!(
+                pv.sync_from_guest(0, &h, &mut apic, &|_, _| {}).is_none(),
+                "{name}: nothing more"
+            );
+        }
     }
 }
