@@ -7,6 +7,7 @@
 //! (QEMU's `postmigrate`); on any failure it resumes.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -115,6 +116,10 @@ struct Info {
     pages: u64,
     zero_pages: u64,
     error: Option<String>,
+    /// The final statistics of a live migration (`None`: a one-pass save, e.g. `x-snapshot-save`).
+    live: Option<mvm::LiveStats>,
+    /// From `migrate` to the first pass (QEMU's `setup-time`).
+    setup_ms: u64,
 }
 
 /// Migration state of one VM.
@@ -128,8 +133,16 @@ pub struct MigrationControl {
     held: Mutex<Option<Paused>>,
     /// `-incoming defer`: the held vCPUs, until `migrate-incoming`.
     deferred: Mutex<Option<Paused>>,
+    /// `downtime-limit` (ms) and `max-bandwidth` (bytes/s).
     params: Mutex<(u64, u64)>,
+    /// The running live migration's controls and statistics.
+    active: Mutex<Option<Arc<mvm::LiveControl>>>,
+    /// Cuts the running migration's connection (`migrate_cancel` while a write blocks).
+    cutter: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
+
+/// QEMU's limit of `downtime-limit` (2000 s), with its message.
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -149,6 +162,40 @@ fn status_event(status: &str) {
     if let Some(e) = EVENTS.get() {
         e.emit("MIGRATION", Some(json!({ "status": status })));
     }
+}
+
+/// A live migration's events: MIGRATION_PASS per dirty sync (the first also moves `setup` to `active`, as
+/// QEMU does after its setup sync), and the stop of the vCPUs (the QMP run state, and the downtime's start).
+struct PassEvents<'a> {
+    control: &'a MigrationControl,
+    stopped_at: Mutex<Option<Instant>>,
+}
+
+impl mvm::LiveEvents for PassEvents<'_> {
+    fn pass(&self, n: u64) {
+        if let Some(e) = EVENTS.get() {
+            e.emit("MIGRATION_PASS", Some(json!({ "pass": n })));
+        }
+        if n == 1 {
+            let mut i = lock(&self.control.info);
+            i.setup_ms = i.start.map_or(0, |s| s.elapsed().as_millis() as u64);
+            if i.status == "setup" {
+                i.status = "active";
+                drop(i);
+                status_event("active");
+            }
+        }
+    }
+
+    fn stopping(&self) {
+        *lock(&self.stopped_at) = Some(Instant::now());
+        crate::qmp_glue::migration_stopping();
+    }
+}
+
+/// Releases the vCPUs a completed outgoing migration held (QMP `cont` from `postmigrate`).
+pub fn release_source() -> Option<Paused> {
+    CONTROL.get().and_then(|c| lock(&c.held).take())
 }
 
 /// Installs the process's migration control (once, from `run`).
@@ -193,14 +240,29 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
                 .map_err(QmpError::generic)?;
             Ok(json!({}))
         }
-        "migrate_cancel" => Ok(json!({})),
+        "migrate_cancel" => {
+            c.cancel();
+            Ok(json!({}))
+        }
         "migrate-set-parameters" => {
+            let downtime = args.get("downtime-limit").and_then(Value::as_u64);
+            let bandwidth = args.get("max-bandwidth").and_then(Value::as_u64);
+            if downtime.is_some_and(|v| v > MAX_DOWNTIME_LIMIT_MS) {
+                return Err(QmpError::generic(
+                    "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
+                ));
+            }
             let mut p = lock(&c.params);
-            if let Some(v) = args.get("downtime-limit").and_then(Value::as_u64) {
+            if let Some(v) = downtime {
                 p.0 = v;
             }
-            if let Some(v) = args.get("max-bandwidth").and_then(Value::as_u64) {
+            if let Some(v) = bandwidth {
                 p.1 = v;
+            }
+            // A running migration follows the new values at once, as in QEMU.
+            if let Some(live) = lock(&c.active).as_ref() {
+                live.downtime_limit_ms.store(p.0, Ordering::SeqCst);
+                live.max_bandwidth.store(p.1, Ordering::SeqCst);
             }
             Ok(json!({}))
         }
@@ -231,9 +293,31 @@ impl MigrationControl {
             }),
             held: Mutex::new(None),
             deferred: Mutex::new(None),
-            // QEMU's defaults: 300 ms downtime limit, 32 MiB/s.
-            params: Mutex::new((300, 32 << 20)),
+            // QEMU's defaults: 300 ms downtime limit, 128 MiB/s.
+            params: Mutex::new((mvm::DEFAULT_DOWNTIME_LIMIT_MS, mvm::DEFAULT_MAX_BANDWIDTH)),
+            active: Mutex::new(None),
+            cutter: Mutex::new(None),
         })
+    }
+
+    /// QMP `migrate_cancel`: a running outgoing migration stops (MIGRATION `cancelling`, then `cancelled`
+    /// and the source resumes); nothing happens otherwise, as in QEMU.
+    fn cancel(&self) {
+        let Some(live) = lock(&self.active).clone() else {
+            return;
+        };
+        {
+            let mut i = lock(&self.info);
+            if !matches!(i.status, "setup" | "active") {
+                return;
+            }
+            i.status = "cancelling";
+        }
+        status_event("cancelling");
+        live.cancel.store(true, Ordering::SeqCst);
+        if let Some(cut) = lock(&self.cutter).as_ref() {
+            cut();
+        }
     }
 
     fn query(&self) -> Value {
@@ -241,22 +325,61 @@ impl MigrationControl {
         if i.status == "none" {
             return json!({});
         }
-        let mut v = json!({
-            "status": i.status,
-            "total-time": i.start.map_or(i.total_ms, |s| s.elapsed().as_millis() as u64),
-            "ram": {
-                "transferred": i.transferred,
-                "remaining": i.remaining,
-                "total": self.config.ram_size,
-                "duplicate": i.zero_pages,
-                "normal": i.pages,
-                "normal-bytes": i.pages * 4096,
-                "dirty-sync-count": 1,
-            },
+        // A running live migration's own counters, else the last migration's.
+        let running = lock(&self.active).as_ref().map(|c| c.stats());
+        let live = running.or(i.live);
+        let total_ms = i
+            .start
+            .map_or(i.total_ms, |s| s.elapsed().as_millis() as u64);
+        let mut ram = json!({
+            "transferred": i.transferred,
+            "remaining": i.remaining,
+            "total": self.config.ram_size,
+            "duplicate": i.zero_pages,
+            "skipped": 0,
+            "normal": i.pages,
+            "normal-bytes": i.pages * 4096,
+            "dirty-sync-count": 1,
+            "page-size": 4096,
+            "mbps": 0.0,
+            "pages-per-second": 0,
+            "dirty-pages-rate": 0,
+            "precopy-bytes": i.transferred,
+            "downtime-bytes": 0,
+            "postcopy-bytes": 0,
+            "multifd-bytes": 0,
+            "postcopy-requests": 0,
         });
+        let mut v = json!({ "status": i.status, "total-time": total_ms });
+        if let Some(l) = live {
+            let completed = i.status == "completed";
+            ram["transferred"] = json!(l.bytes);
+            ram["remaining"] = json!(if completed { 0 } else { l.remaining });
+            ram["duplicate"] = json!(l.zero_pages);
+            ram["normal"] = json!(l.pages);
+            ram["normal-bytes"] = json!(l.pages * 4096);
+            ram["dirty-sync-count"] = json!(l.dirty_syncs);
+            ram["pages-per-second"] = json!(l.pages_per_second.round() as u64);
+            ram["dirty-pages-rate"] = json!(l.dirty_pages_rate);
+            ram["precopy-bytes"] = json!(l.precopy_bytes);
+            ram["downtime-bytes"] = json!(l.downtime_bytes);
+            // Megabits per second: the last pass while active; the whole transfer once completed (QEMU:
+            // transferred bytes over total time minus setup time).
+            let mbps = if completed {
+                let ms = total_ms.saturating_sub(i.setup_ms).max(1);
+                l.bytes as f64 * 8.0 / ms as f64 / 1000.0
+            } else {
+                l.bandwidth * 8.0 / 1e6
+            };
+            ram["mbps"] = json!(mbps);
+            v["setup-time"] = json!(i.setup_ms);
+            if matches!(i.status, "active" | "cancelling") {
+                v["expected-downtime"] = json!(l.expected_downtime_ms);
+            }
+        }
+        v["ram"] = ram;
         if i.status == "completed" {
             v["downtime"] = json!(i.downtime_ms);
-            v["total-time"] = json!(i.total_ms);
         }
         if let Some(e) = &i.error {
             v["error-desc"] = json!(e);
@@ -270,94 +393,129 @@ impl MigrationControl {
             return Err((*b).to_string());
         }
         let uri = parse_uri(uri, false)?;
+        let ctl = Arc::new(mvm::LiveControl::default());
         {
             let mut i = lock(&self.info);
-            if matches!(i.status, "setup" | "active") {
+            if matches!(i.status, "setup" | "active" | "cancelling") {
                 return Err("There's a migration process in progress".to_string());
             }
             *i = Info {
-                status: "active",
+                status: "setup",
                 start: Some(Instant::now()),
                 remaining: self.config.ram_size,
                 ..Info::default()
             };
+            let p = lock(&self.params);
+            ctl.downtime_limit_ms.store(p.0, Ordering::SeqCst);
+            ctl.max_bandwidth.store(p.1, Ordering::SeqCst);
+            *lock(&self.active) = Some(ctl.clone());
         }
         status_event("setup");
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration".into())
-            .spawn(move || me.run_outgoing(uri))
+            .spawn(move || me.run_outgoing(uri, ctl))
             .map_err(|e| format!("cannot start the migration thread: {e}"))?;
         Ok(())
     }
 
-    fn run_outgoing(&self, uri: Uri) {
-        let t0 = Instant::now();
-        status_event("active");
-        if let Some(e) = EVENTS.get() {
-            e.emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
-        }
-        let paused = self.vm.pause_all();
-        let r = self.send(&uri, &paused);
+    fn run_outgoing(&self, uri: Uri, ctl: Arc<mvm::LiveControl>) {
+        let events = PassEvents {
+            control: self,
+            stopped_at: Mutex::new(None),
+        };
+        let r = self.send(&uri, &ctl, &events);
+        let end = Instant::now();
+        let cancelled = ctl.cancel.load(Ordering::SeqCst);
+        let stats = ctl.stats();
+        *lock(&self.cutter) = None;
         let mut i = lock(&self.info);
-        i.total_ms = t0.elapsed().as_millis() as u64;
-        i.downtime_ms = i.total_ms;
+        *lock(&self.active) = None;
+        i.total_ms = i.start.map_or(0, |s| (end - s).as_millis() as u64);
         i.start = None;
+        i.live = Some(stats);
+        i.transferred = stats.bytes;
+        i.pages = stats.pages;
+        i.zero_pages = stats.zero_pages;
+        i.remaining = stats.remaining;
         match r {
-            Ok(stats) => {
+            Ok(paused) => {
+                // Downtime: from the vCPUs' stop to the destination's confirmation.
+                let stopped = *lock(&events.stopped_at);
+                i.downtime_ms = stopped.map_or(0, |s| (end - s).as_millis() as u64);
                 i.status = "completed";
-                i.transferred = stats.bytes;
                 i.remaining = 0;
-                i.pages = stats.pages;
-                i.zero_pages = stats.zero_pages;
-                // The source stays stopped (QEMU's postmigrate).
+                tracing::info!(
+                    syncs = stats.dirty_syncs,
+                    downtime_ms = i.downtime_ms,
+                    total_ms = i.total_ms,
+                    bytes = stats.bytes,
+                    "migration completed"
+                );
+                // The source stays stopped (QEMU's postmigrate) until `cont` or the end.
                 *lock(&self.held) = Some(paused);
+                drop(i);
+                crate::qmp_glue::migration_finished(true);
                 status_event("completed");
             }
             Err(e) => {
-                eprintln!("error: migration failed: {e}");
-                i.status = "failed";
-                i.error = Some(e);
-                drop(paused);
-                status_event("failed");
+                // The vCPUs already run again (save_live and send drop them on every error path).
+                let status = if cancelled {
+                    "cancelled"
+                } else {
+                    eprintln!("error: migration failed: {e}");
+                    i.error = Some(e);
+                    "failed"
+                };
+                i.status = status;
+                drop(i);
+                crate::qmp_glue::migration_finished(false);
+                status_event(status);
             }
         }
     }
 
-    fn send(&self, uri: &Uri, paused: &Paused) -> Result<mvm::Stats, String> {
+    /// Sends the live migration over `uri`; on success returns the stopped vCPUs (after the destination's
+    /// confirmation on a socket).
+    fn send(
+        &self,
+        uri: &Uri,
+        ctl: &mvm::LiveControl,
+        events: &PassEvents<'_>,
+    ) -> Result<Paused, String> {
         let hv = self.hv.as_deref();
-        let save = |w: Box<dyn Write>| -> Result<mvm::Stats, String> {
-            // RAM progress for query-migrate while the pass runs.
-            let mut progress = |done: u64, total: u64| {
-                let mut i = lock(&self.info);
-                i.transferred = done;
-                i.remaining = total.saturating_sub(done);
-            };
-            mvm::save(paused, hv, &self.config, BufWriter::new(w), &mut progress)
-                .map(|(_, s)| s)
-                .map_err(|e| e.to_string())
+        let save = |w: Box<dyn Write>| -> Result<Paused, String> {
+            let (out, paused, _) =
+                mvm::save_live(&self.vm, hv, &self.config, BufWriter::new(w), ctl, events)
+                    .map_err(|e| e.to_string())?;
+            // Closes a pipe or file now (a socket stays open through its read half).
+            drop(out);
+            Ok(paused)
         };
         // Socket transports: the stream goes out on one end, the destination's verdict comes back on a clone.
-        let over_socket = |s: Box<dyn Write>, r: Box<dyn Read>| -> Result<mvm::Stats, String> {
-            let stats = match save(s) {
-                Ok(stats) => stats,
+        let over_socket = |s: Box<dyn Write>, r: Box<dyn Read>| -> Result<Paused, String> {
+            let paused = match save(s) {
+                Ok(p) => p,
                 // A destination that refused the stream early said why before it closed.
                 Err(e) => {
+                    if ctl.cancel.load(Ordering::SeqCst) {
+                        return Err(e);
+                    }
                     return Err(match wait_verdict(r) {
                         Err(v) if v.starts_with("the destination refused") => v,
                         _ => e,
-                    })
+                    });
                 }
             };
+            // Dropping `paused` on a refusal resumes the source.
             wait_verdict(r)?;
-            Ok(stats)
+            Ok(paused)
         };
         match uri {
             Uri::File(p) => {
                 let f =
                     std::fs::File::create(p).map_err(|e| format!("cannot create '{p}': {e}"))?;
-                let stats = save(Box::new(f))?;
-                Ok(stats)
+                save(Box::new(f))
             }
             Uri::Exec(cmd) => {
                 let mut child = std::process::Command::new("/bin/sh")
@@ -370,17 +528,22 @@ impl MigrationControl {
                     .stdin
                     .take()
                     .ok_or_else(|| format!("no stdin for '{cmd}'"))?;
-                let stats = save(Box::new(stdin))?;
-                let status = child.wait().map_err(|e| format!("'{cmd}': {e}"))?;
-                if !status.success() {
-                    return Err(format!("'{cmd}' failed: {status}"));
+                let r = save(Box::new(stdin));
+                let status = child.wait().map_err(|e| format!("'{cmd}': {e}"));
+                let paused = r?;
+                match status? {
+                    st if st.success() => Ok(paused),
+                    st => Err(format!("'{cmd}' failed: {st}")),
                 }
-                Ok(stats)
             }
             Uri::Unix(p) => {
                 let s = std::os::unix::net::UnixStream::connect(p)
                     .map_err(|e| format!("Failed to connect to '{p}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
+                let cut = s.try_clone().map_err(|e| e.to_string())?;
+                *lock(&self.cutter) = Some(Box::new(move || {
+                    let _ = cut.shutdown(std::net::Shutdown::Both);
+                }));
                 let _ = s.set_write_timeout(Some(SOCKET_TIMEOUT));
                 let _ = r.set_read_timeout(Some(SOCKET_TIMEOUT));
                 over_socket(Box::new(s), Box::new(r))
@@ -389,6 +552,10 @@ impl MigrationControl {
                 let s = std::net::TcpStream::connect(a)
                     .map_err(|e| format!("Failed to connect to '{a}': {e}"))?;
                 let r = s.try_clone().map_err(|e| e.to_string())?;
+                let cut = s.try_clone().map_err(|e| e.to_string())?;
+                *lock(&self.cutter) = Some(Box::new(move || {
+                    let _ = cut.shutdown(std::net::Shutdown::Both);
+                }));
                 let _ = s.set_write_timeout(Some(SOCKET_TIMEOUT));
                 let _ = r.set_read_timeout(Some(SOCKET_TIMEOUT));
                 over_socket(Box::new(s), Box::new(r))
@@ -512,6 +679,8 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
                 Ok(stats) => {
                     tracing::info!(?stats, "incoming migration loaded");
                     status_event("completed");
+                    // QEMU's autostart rule: running, or paused with -S (or after `stop`).
+                    crate::qmp_glue::incoming_loaded();
                     drop(held);
                 }
                 Err(e) => {
@@ -735,10 +904,10 @@ impl QmpClient {
     }
 }
 
-/// Reads the destination's verdict.
 /// Read/write timeout of the migration sockets on the source.
 const SOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Reads the destination's verdict.
 fn wait_verdict(mut r: impl Read) -> Result<(), String> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)

@@ -46,6 +46,8 @@ struct State {
     /// A SHUTDOWN was already reported (a panic with action shutdown): the power-off that follows
     /// must not report a second one.
     shutdown_reported: bool,
+    /// The VM was running when an outgoing migration stopped it (it resumes if the migration fails).
+    migration_was_running: bool,
 }
 
 /// The QMP handler and life-cycle hook of one VM.
@@ -64,17 +66,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl VmControl {
     /// A controller for `vm`. With `prelaunch` (`-S`), the vCPUs are held before they run any guest
-    /// code (call it before [`vmm::Machine::run`]) until `cont`.
+    /// code (call it before [`vmm::Machine::run`]) until `cont`. With `incoming` (`-incoming`), the VM is
+    /// `inmigrate` until the stream is loaded ([`incoming_loaded`]).
     pub fn new(
         vm: VmHandle,
         events: EventSink,
         name: Option<String>,
         prelaunch: bool,
+        incoming: bool,
     ) -> Arc<VmControl> {
-        let (run, held) = if prelaunch {
-            (RunState::Prelaunch, Some(vm.hold_all()))
-        } else {
-            (RunState::Running, None)
+        let held = prelaunch.then(|| vm.hold_all());
+        let run = match (incoming, prelaunch) {
+            (true, _) => RunState::Inmigrate,
+            (false, true) => RunState::Prelaunch,
+            (false, false) => RunState::Running,
         };
         Arc::new(VmControl {
             vm,
@@ -85,6 +90,7 @@ impl VmControl {
                 run,
                 held,
                 shutdown_reported: false,
+                migration_was_running: false,
             }),
             hyperv: OnceLock::new(),
         })
@@ -142,6 +148,16 @@ impl VmControl {
 
     fn stop(&self) -> Result<Value, QmpError> {
         let _ops = lock(&self.ops);
+        {
+            let mut st = lock(&self.state);
+            if st.run == RunState::Inmigrate {
+                // QEMU: the VM will not start once the incoming migration is loaded (autostart off).
+                if st.held.is_none() {
+                    st.held = Some(self.vm.hold_all());
+                }
+                return Ok(qmp::empty_return());
+            }
+        }
         if !lock(&self.state).run.is_running() {
             // QEMU's vm_stop() does nothing (and sends no STOP) when the VM is not running.
             return Ok(qmp::empty_return());
@@ -168,6 +184,23 @@ impl VmControl {
             self.send(Event::resume());
             return Ok(qmp::empty_return());
         }
+        if st.run == RunState::Inmigrate {
+            // QEMU: the VM starts once the incoming migration is loaded (autostart on).
+            let held = st.held.take();
+            drop(st);
+            drop(held);
+            return Ok(qmp::empty_return());
+        }
+        if st.run == RunState::Postmigrate {
+            // QEMU allows postmigrate -> running: the source's guest carries on.
+            self.send(Event::resume());
+            st.run = RunState::Running;
+            let held = st.held.take();
+            drop(st);
+            drop(held);
+            drop(crate::migrate::release_source());
+            return Ok(qmp::empty_return());
+        }
         if !st.run.can_transition_to(RunState::Running) {
             return Err(QmpError::generic(format!(
                 "cannot continue a VM in state '{}'",
@@ -180,6 +213,55 @@ impl VmControl {
         drop(st);
         drop(held);
         Ok(qmp::empty_return())
+    }
+
+    /// An outgoing migration is about to stop the vCPUs for its last pass: a running VM goes to
+    /// `finish-migrate` with a STOP event, a paused one silently (QEMU's `vm_stop_force_state`).
+    fn migration_stopping(&self) {
+        let mut st = lock(&self.state);
+        st.migration_was_running = st.run.is_running();
+        if st.run.is_running() {
+            st.run = RunState::FinishMigrate;
+            self.send(Event::stop());
+        } else if st.run == RunState::Paused {
+            st.run = RunState::FinishMigrate;
+        }
+    }
+
+    /// An outgoing migration ended: `postmigrate` when it completed, otherwise the VM runs again (with a
+    /// RESUME event) if it ran before, as QEMU's `migration_iteration_finish` does.
+    fn migration_finished(&self, completed: bool) {
+        let mut st = lock(&self.state);
+        if completed {
+            if matches!(
+                st.run,
+                RunState::FinishMigrate | RunState::Running | RunState::Paused
+            ) {
+                st.run = RunState::Postmigrate;
+            }
+        } else if st.run == RunState::FinishMigrate {
+            if st.migration_was_running {
+                st.run = RunState::Running;
+                self.send(Event::resume());
+            } else {
+                st.run = RunState::Paused;
+            }
+        }
+    }
+
+    /// The incoming stream was loaded: the VM runs (RESUME), or stays `paused` with `-S` or after `stop`
+    /// (QEMU's autostart rule).
+    fn incoming_loaded(&self) {
+        let mut st = lock(&self.state);
+        if st.run != RunState::Inmigrate {
+            return;
+        }
+        if st.held.is_some() {
+            st.run = RunState::Paused;
+        } else {
+            st.run = RunState::Running;
+            self.send(Event::resume());
+        }
     }
 
     /// SIGTERM/SIGINT/SIGHUP: SHUTDOWN with reason `host-signal`, then the machine ends (exit 0), as
@@ -404,6 +486,30 @@ impl LifecycleHook for VmControl {
     }
 }
 
+/// The VM's controller, for the migration hooks below (set by [`start`]).
+static CONTROL: OnceLock<Arc<VmControl>> = OnceLock::new();
+
+/// Migration hook: the vCPUs are about to be stopped for the last pass (no-op without QMP).
+pub fn migration_stopping() {
+    if let Some(c) = CONTROL.get() {
+        c.migration_stopping();
+    }
+}
+
+/// Migration hook: an outgoing migration ended (completed, or failed/cancelled).
+pub fn migration_finished(completed: bool) {
+    if let Some(c) = CONTROL.get() {
+        c.migration_finished(completed);
+    }
+}
+
+/// Migration hook: the incoming stream was loaded.
+pub fn incoming_loaded() {
+    if let Some(c) = CONTROL.get() {
+        c.incoming_loaded();
+    }
+}
+
 /// The QMP servers of a running VM.
 pub struct QmpRuntime {
     servers: Vec<qmp::QmpServer>,
@@ -440,7 +546,9 @@ pub fn start(
         events.clone(),
         o.name.clone(),
         o.prelaunch,
+        o.incoming.is_some(),
     );
+    let _ = CONTROL.set(control.clone());
     machine
         .handle()
         .set_lifecycle_hook(control.clone())

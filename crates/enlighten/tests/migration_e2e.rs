@@ -820,3 +820,255 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     );
     drop(hosts);
 }
+
+/// A source running `guests/tests/migr_dirty.c` (1 vCPU) with QMP, its serial output collected by a thread so
+/// that the test can wait for the guest's "dirtying" line.
+struct DirtySource {
+    child: Child,
+    qmp: Qmp,
+    stdout: std::sync::mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+const DIRTY_CPU: &str = "host,hv-relaxed,hv-vpindex,hv-time";
+
+fn dirty_args(append: &str, extra: &[&str]) -> Vec<String> {
+    let mut e = vec!["-cpu", DIRTY_CPU];
+    e.extend_from_slice(extra);
+    qemu_style_args(kernel("migr_dirty"), 1, Some(append), &e)
+}
+
+impl DirtySource {
+    fn start(tag: &str, append: &str) -> DirtySource {
+        let sock = scratch(&format!("{tag}.qmp"));
+        let _ = std::fs::remove_file(&sock);
+        let spec = format!("unix:{},server=on,wait=off", sock.display());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+            .args(dirty_args(append, &["-qmp", &spec]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the source");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let qmp = Qmp::connect(&sock);
+        DirtySource {
+            child,
+            qmp,
+            stdout: rx,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Waits for a serial line starting with `prefix`.
+    fn wait_line(&mut self, prefix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.stdout.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    let hit = l.starts_with(prefix);
+                    self.lines.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no '{prefix}' line from the guest: {:?}", self.lines);
+    }
+
+    /// Waits for the source to end and returns its outcome (serial output as stdout).
+    fn finish(mut self) -> Outcome {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s.code();
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        self.lines.extend(self.stdout.iter());
+        Outcome {
+            command: "source".into(),
+            status,
+            stdout: self.lines.join("\n"),
+            stderr: err,
+            timed_out: false,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// The MIGRATION_PASS numbers among `events`, in order.
+fn passes(events: &[(String, Value)]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|(n, _)| n == "MIGRATION_PASS")
+        .filter_map(|(_, d)| d["pass"].as_u64())
+        .collect()
+}
+
+fn event_names(events: &[(String, Value)]) -> Vec<String> {
+    events
+        .iter()
+        .map(|(n, d)| match d["status"].as_str() {
+            Some(s) => format!("{n} {s}"),
+            None => n.clone(),
+        })
+        .collect()
+}
+
+const DIRTY_PASS_LINES: &[&str] = &[
+    "every page kept its last write (",
+    "reference time never stepped back (0",
+];
+
+#[test]
+fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_cont() {
+    // migr_dirty rewrites 64 pages over and over. With a downtime limit of 0 ms pre-copy never converges, so
+    // it runs MAX_SYNCS dirty syncs, resending the guest's pages each pass, then stops and copies. The
+    // destination must see every page's last write; the source is left in postmigrate and `cont` resumes it.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let append = "pages=64 ms=3000";
+    let sock = scratch("dirty.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let dst_args = dirty_args(append, &["-incoming", &spec]);
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut src = DirtySource::start("dirty", append);
+    src.wait_line("dirtying 64 pages");
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 8 MiB/s: a pass of the guest's 256 KiB takes about 30 ms, long enough for the guest to dirty its pages
+    // again (a pass that finds nothing dirty would meet even a 0 ms limit).
+    let r = src.qmp.cmd(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 0, "max-bandwidth": 8 << 20}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let p = src.qmp.cmd("query-migrate-parameters", json!({}));
+    assert_eq!(p["return"]["downtime-limit"], 0, "{p}");
+    assert_eq!(p["return"]["max-bandwidth"], 8 << 20, "{p}");
+    let q = src.qmp.migrate(&spec);
+    assert_eq!(q["status"], "completed", "{q}");
+    // Normally 30 syncs while the guest runs (MAX_SYNCS) and one more with the vCPUs stopped; fewer only if
+    // a pass found nothing dirty (a guest stalled by the host for a whole pass), which meets a 0 ms limit.
+    let syncs = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+    assert!((4..=31).contains(&syncs), "{q}");
+    let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "postmigrate", "{st}");
+    assert_eq!(st["return"]["running"], false, "{st}");
+    let events = src.qmp.events.clone();
+    assert_eq!(
+        passes(&events),
+        (1..=syncs).collect::<Vec<u64>>(),
+        "{events:?}"
+    );
+    let names = event_names(&events);
+    let stop = names.iter().position(|n| n == "STOP");
+    let done = names.iter().position(|n| n == "MIGRATION completed");
+    assert!(
+        stop.is_some() && stop < done,
+        "STOP before MIGRATION completed: {names:?}"
+    );
+    // The guest's pages went more than once (pass 1, then resent as the guest dirtied them).
+    let normal = q["ram"]["normal"].as_u64().unwrap_or(0);
+    assert!(normal > 2 * 64, "pages resent: {q}");
+    eprintln!(
+        "live pre-copy: {syncs} dirty syncs, {normal} pages sent, downtime {} ms",
+        q["downtime"]
+    );
+    assert!(q["downtime"].as_u64().is_some(), "{q}");
+    assert!(q["ram"]["precopy-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
+    // postmigrate -> running.
+    let r = src.qmp.cmd("cont", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "running", "{st}");
+    let o = dst.join().expect("destination thread");
+    assert_passed_with(&o, DIRTY_PASS_LINES);
+    // The source's guest carries on after `cont` and passes too.
+    let s = src.finish();
+    assert_passed_with(&s, DIRTY_PASS_LINES);
+}
+
+#[test]
+fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = DirtySource::start("bw", "pages=512 ms=3000");
+    src.wait_line("dirtying 512 pages");
+    let file = scratch("bw.snap");
+    // 1 MiB/s: pass 1 alone (more than 2 MiB) takes over 2 s; cancel it after 300 ms.
+    let r = src
+        .qmp
+        .cmd("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = src.qmp.cmd(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let q = src.qmp.cmd("query-migrate", json!({}));
+    assert_eq!(q["return"]["status"], "active", "{q}");
+    assert!(q["return"]["expected-downtime"].is_u64(), "{q}");
+    let r = src.qmp.cmd("migrate_cancel", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let start = Instant::now();
+    let q = loop {
+        let q = src.qmp.cmd("query-migrate", json!({}));
+        if q["return"]["status"] == "cancelled" || start.elapsed() > Duration::from_secs(10) {
+            break q;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(q["return"]["status"], "cancelled", "{q}");
+    let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "running", "{st}");
+    let names = event_names(&src.qmp.events);
+    assert!(
+        names.contains(&"MIGRATION cancelling".to_string())
+            && names.contains(&"MIGRATION cancelled".to_string())
+            && !names.contains(&"STOP".to_string()),
+        "{names:?}"
+    );
+    // 4 MiB/s: the pre-copy bytes cannot go faster than that.
+    let bw: u64 = 4 << 20;
+    let r = src
+        .qmp
+        .cmd("migrate-set-parameters", json!({"max-bandwidth": bw}));
+    assert!(r.get("return").is_some(), "{r}");
+    let q = src.qmp.migrate(&format!("file:{}", file.display()));
+    assert_eq!(q["status"], "completed", "{q}");
+    let precopy = q["ram"]["precopy-bytes"].as_u64().unwrap_or(0);
+    let total_ms = q["total-time"].as_u64().unwrap_or(0);
+    assert!(precopy > 2 << 20, "{q}");
+    let min_ms = precopy * 1000 / bw * 8 / 10;
+    assert!(
+        total_ms >= min_ms,
+        "{precopy} bytes at {bw} bytes/s in {total_ms} ms (at least {min_ms} ms): {q}"
+    );
+    let r = src.qmp.cmd("cont", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let s = src.finish();
+    assert_passed_with(&s, DIRTY_PASS_LINES);
+}

@@ -6,7 +6,7 @@
 //! vCPUs and performs VM-wide operations (reset, stop) with the rendezvous. Lock order: a vCPU's state lock may
 //! be held while taking the timer-queue lock; never hold two vCPU state locks at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -420,6 +420,8 @@ pub(crate) struct VmShared {
     pub rendezvous: Mutex<()>,
     /// Life-cycle observer (the QMP glue).
     pub lifecycle_hook: OnceLock<Arc<dyn crate::lifecycle::LifecycleHook>>,
+    /// Bumped by every reset, which rewrites guest RAM where KVM's dirty log cannot see it (migration).
+    pub ram_epoch: AtomicU64,
 }
 
 impl VmShared {
@@ -795,6 +797,73 @@ impl VmHandle {
     }
 }
 
+/// Registers RAM region `slot` of `layout` as KVM memory slot `slot` with `flags` (0, or
+/// `KVM_MEM_LOG_DIRTY_PAGES` while a live migration runs). Registering a slot again with the same addresses
+/// only changes its flags.
+fn register_ram_slot(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    slot: usize,
+    flags: u32,
+) -> Result<(), String> {
+    let r = layout
+        .regions
+        .get(slot)
+        .ok_or_else(|| format!("no RAM region {slot}"))?;
+    let host = mem
+        .get_host_address(GuestAddress(r.start))
+        .map_err(|e| e.to_string())?;
+    let region = kvm_userspace_memory_region {
+        slot: slot as u32,
+        flags,
+        guest_phys_addr: r.start,
+        memory_size: r.size,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the host range [host, host + size) is the live mapping `mem` owns for this region (its host address
+    // for the region's start and the region's size), and `mem` lives in the shared VM state for as long as the
+    // VM fd does.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION (slot {slot}, flags {flags:#x}): {e}"))
+}
+
+impl VmShared {
+    /// Turns KVM's dirty-page logging on or off for every RAM slot (live migration). Turning it on starts
+    /// with an empty log.
+    pub(crate) fn set_dirty_logging(&self, on: bool) -> Result<(), String> {
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for slot in 0..self.layout.regions.len() {
+            register_ram_slot(&self._vm, &self.mem, &self.layout, slot, flags)?;
+        }
+        Ok(())
+    }
+
+    /// Takes KVM's dirty log of RAM region `slot` (one bit per 4 KiB page of the region, bit `i` of word `w`
+    /// = page `64 * w + i`) and clears it; the guest's later writes show in the next call. Needs dirty logging
+    /// on ([`VmShared::set_dirty_logging`]). Guest RAM written by the VMM is not in it.
+    pub(crate) fn take_dirty_log(&self, slot: usize) -> Result<Vec<u64>, String> {
+        let r = self
+            .layout
+            .regions
+            .get(slot)
+            .ok_or_else(|| format!("no RAM region {slot}"))?;
+        let size = usize::try_from(r.size).map_err(|e| e.to_string())?;
+        self._vm
+            .get_dirty_log(slot as u32, size)
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG (slot {slot}): {e}"))
+    }
+
+    /// Counts guest RAM resets (a reset rewrites all of RAM behind KVM's dirty log).
+    pub(crate) fn ram_epoch(&self) -> u64 {
+        self.ram_epoch.load(Ordering::SeqCst)
+    }
+}
+
 /// A KVM virtual machine with its vCPU threads.
 pub struct Machine {
     shared: Arc<VmShared>,
@@ -897,21 +966,8 @@ impl Machine {
             .collect();
         let mem =
             GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(format!("{e:?}")))?;
-        for (slot, r) in layout.regions.iter().enumerate() {
-            let host = mem
-                .get_host_address(GuestAddress(r.start))
-                .map_err(|e| VmError::Memory(e.to_string()))?;
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: r.start,
-                memory_size: r.size,
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the host range [host, host + size) is a live mapping owned by `mem`, which lives in the
-            // shared VM state for as long as the VM fd does.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
+        for slot in 0..layout.regions.len() {
+            register_ram_slot(&vm, &mem, &layout, slot, 0).map_err(VmError::Memory)?;
         }
 
         // CPUID.
@@ -1067,6 +1123,7 @@ impl Machine {
             tsc_offset_attr,
             rendezvous: Mutex::new(()),
             lifecycle_hook: OnceLock::new(),
+            ram_epoch: AtomicU64::new(0),
         });
 
         // Load the kernel and set the BSP's entry state.
@@ -1321,6 +1378,8 @@ impl Machine {
         clear_ram(&self.shared.mem, &self.shared.layout)?;
         let entry = self.loader.load(&self.shared.mem, &self.shared.layout)?;
         boot::write_boot_structures(&self.shared.mem, entry.mode)?;
+        // After the rewrite: a migration that sees the new epoch resends all of RAM.
+        self.shared.ram_epoch.fetch_add(1, Ordering::SeqCst);
         self.shared.devices.reset();
         if let Some(h) = self.shared.vcpu_hook.get() {
             h.vm_reset();

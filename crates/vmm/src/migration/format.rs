@@ -6,7 +6,13 @@
 //! section  : kind u32 LE | payload length u64 LE | CRC-32 (IEEE) of the payload u32 LE | payload
 //! sections : Config (first, exactly once) · Vcpu × n · Device × k · Engine (0 or 1) · Memory × m · End
 //!            (a snapshot's state file has one MemoryFile section instead of the Memory sections)
+//! live     : Config · (Memory | ZeroPages) × m · Vcpu × n · Device × k · Engine (0 or 1) · End
 //! ```
+//!
+//! A live migration (iterative pre-copy) sends guest RAM first, while the guest runs: pass 1 sends every
+//! non-zero page, later passes send the pages dirtied since the previous pass (a page may repeat; the last copy
+//! wins), and pages that became zero go as ZeroPages records. The vCPU, device and engine state follow, taken
+//! with every vCPU stopped, after the final dirty pages.
 //!
 //! Config, Vcpu, Device and Engine payloads are JSON (serde); each owner defines its own schema and version
 //! (the engine's [`hyperv::state::EngineState`] carries its own `version`). A Memory payload is a run of
@@ -22,7 +28,7 @@ use thiserror::Error;
 /// The stream's magic bytes.
 pub const MAGIC: [u8; 8] = *b"ENLMIGR\0";
 /// The stream format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The longest enlighten version string accepted in a header.
 pub const MAX_VERSION_STRING: usize = 64;
 /// Guest page size used by Memory sections.
@@ -34,6 +40,8 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 pub const PAGE_RECORD: usize = 8 + PAGE_SIZE;
 /// Most pages in one Memory section.
 pub const MAX_PAGES_PER_SECTION: usize = 256;
+/// Most page addresses in one ZeroPages section.
+pub const MAX_ZERO_PAGES_PER_SECTION: usize = 8192;
 /// Largest Config/Vcpu/Device/Engine payload (JSON).
 pub const MAX_META_SECTION: u64 = 16 << 20;
 
@@ -56,6 +64,8 @@ pub enum SectionKind {
     /// A snapshot's state file: where the raw memory file is and how it maps onto guest RAM (instead of
     /// Memory sections; see `migration::snapshot`).
     MemoryFile,
+    /// Guest pages that are now all zero (later passes of a live migration): `gpa u64 LE` each.
+    ZeroPages,
     /// End of stream.
     End,
 }
@@ -70,6 +80,7 @@ impl SectionKind {
             SectionKind::Engine => 4,
             SectionKind::Memory => 5,
             SectionKind::MemoryFile => 6,
+            SectionKind::ZeroPages => 7,
             SectionKind::End => 0xFF,
         }
     }
@@ -83,6 +94,7 @@ impl SectionKind {
             4 => SectionKind::Engine,
             5 => SectionKind::Memory,
             6 => SectionKind::MemoryFile,
+            7 => SectionKind::ZeroPages,
             0xFF => SectionKind::End,
             _ => return None,
         })
@@ -97,6 +109,7 @@ impl SectionKind {
             SectionKind::Engine => "engine",
             SectionKind::Memory => "memory",
             SectionKind::MemoryFile => "memory file",
+            SectionKind::ZeroPages => "zero pages",
             SectionKind::End => "end",
         }
     }
@@ -105,6 +118,7 @@ impl SectionKind {
     pub fn max_len(self) -> u64 {
         match self {
             SectionKind::Memory => (MAX_PAGES_PER_SECTION * PAGE_RECORD) as u64,
+            SectionKind::ZeroPages => (MAX_ZERO_PAGES_PER_SECTION * 8) as u64,
             SectionKind::End => 0,
             _ => MAX_META_SECTION,
         }
@@ -143,30 +157,57 @@ pub fn crc32(data: &[u8]) -> u32 {
     crc32_update(0, data)
 }
 
-/// Continues a CRC-32 over more data (`crc` is the value returned for the data so far; 0 to start).
-pub fn crc32_update(crc: u32, data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
+/// CRC-32 lookup tables for slicing-by-8: `T[0]` is the classic byte table, `T[k][b]` the CRC of byte `b`
+/// followed by `k` zero bytes.
+const CRC_TABLES: [[u32; 256]; 8] = {
+    let mut t = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
         }
-        t
-    };
+        t[0][i] = c;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 256 {
+        let mut k = 1;
+        while k < 8 {
+            let prev = t[k - 1][i];
+            t[k][i] = (prev >> 8) ^ t[0][(prev & 0xFF) as usize];
+            k += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// Continues a CRC-32 over more data (`crc` is the value returned for the data so far; 0 to start).
+/// Slicing-by-8: eight table lookups per 8 bytes (several times faster than a byte loop, also in debug builds).
+pub fn crc32_update(crc: u32, data: &[u8]) -> u32 {
+    let t = &CRC_TABLES;
     let mut c = !crc;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    let mut chunks = data.chunks_exact(8);
+    for b in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        c = t[7][(lo & 0xFF) as usize]
+            ^ t[6][((lo >> 8) & 0xFF) as usize]
+            ^ t[5][((lo >> 16) & 0xFF) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][b[4] as usize]
+            ^ t[2][b[5] as usize]
+            ^ t[1][b[6] as usize]
+            ^ t[0][b[7] as usize];
+    }
+    for &b in chunks.remainder() {
+        c = t[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
     }
     !c
 }
@@ -252,18 +293,31 @@ impl<W: Write> StreamWriter<W> {
     }
 }
 
-/// Collects non-zero pages into Memory sections of at most [`MAX_PAGES_PER_SECTION`] pages.
+/// Collects non-zero pages into Memory sections of at most [`MAX_PAGES_PER_SECTION`] pages. Zero pages are
+/// dropped (the receiver starts from zeroed RAM), or with [`PageBatch::send_zero_pages`] (later passes of a
+/// live migration, where the receiver may hold an older copy) listed in ZeroPages sections.
 #[derive(Default)]
 pub struct PageBatch {
     buf: Vec<u8>,
     pages: usize,
-    /// Pages skipped because they were zero.
+    zeros: Vec<u8>,
+    /// Pages that were zero (elided, or sent as ZeroPages records).
     pub zero_pages: u64,
-    /// Pages sent.
+    /// Non-zero pages sent.
     pub sent_pages: u64,
+    /// Whether zero pages are sent as ZeroPages records instead of being dropped.
+    pub send_zero_pages: bool,
 }
 
 impl PageBatch {
+    /// An empty batch; `send_zero_pages` as in [`PageBatch::send_zero_pages`].
+    pub fn new(send_zero_pages: bool) -> PageBatch {
+        PageBatch {
+            send_zero_pages,
+            ..PageBatch::default()
+        }
+    }
+
     /// Adds the page at `gpa` (page-aligned); zero pages are counted and dropped. Flushes a full batch.
     pub fn add<W: Write>(
         &mut self,
@@ -274,6 +328,13 @@ impl PageBatch {
         // A slice comparison (memcmp) is fast even in debug builds, unlike a byte loop.
         if page[..] == ZERO_PAGE[..] {
             self.zero_pages += 1;
+            if self.send_zero_pages {
+                self.zeros.extend_from_slice(&gpa.to_le_bytes());
+                if self.zeros.len() == MAX_ZERO_PAGES_PER_SECTION * 8 {
+                    w.section(SectionKind::ZeroPages, &self.zeros)?;
+                    self.zeros.clear();
+                }
+            }
             return Ok(());
         }
         self.buf.extend_from_slice(&gpa.to_le_bytes());
@@ -292,6 +353,10 @@ impl PageBatch {
             w.section(SectionKind::Memory, &self.buf)?;
             self.buf.clear();
             self.pages = 0;
+        }
+        if !self.zeros.is_empty() {
+            w.section(SectionKind::ZeroPages, &self.zeros)?;
+            self.zeros.clear();
         }
         Ok(())
     }
@@ -337,6 +402,31 @@ impl Section {
                 )));
             }
             out.push((gpa, page));
+        }
+        Ok(out)
+    }
+}
+
+impl Section {
+    /// The page addresses of a ZeroPages section; each is page-aligned.
+    pub fn zero_pages(&self) -> Result<Vec<u64>, StreamError> {
+        if self.kind != SectionKind::ZeroPages || !self.payload.len().is_multiple_of(8) {
+            return Err(StreamError::Corrupt(format!(
+                "a zero-pages section of {} bytes is not a whole number of 8-byte page addresses",
+                self.payload.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(self.payload.len() / 8);
+        for a in self.payload.chunks_exact(8) {
+            let mut g = [0u8; 8];
+            g.copy_from_slice(a);
+            let gpa = u64::from_le_bytes(g);
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+                return Err(StreamError::Corrupt(format!(
+                    "page address {gpa:#x} is not page-aligned"
+                )));
+            }
+            out.push(gpa);
         }
         Ok(out)
     }

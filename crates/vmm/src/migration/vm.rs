@@ -16,11 +16,18 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
-    ConfigSection, PageBatch, SectionKind, StreamError, StreamReader, StreamWriter, PAGE_SIZE,
+    ConfigSection, PageBatch, Section, SectionKind, StreamError, StreamReader, StreamWriter,
+    PAGE_SIZE,
 };
 use crate::apic::ApicState;
 use crate::hv::HvGlue;
-use crate::machine::{Paused, RunState};
+use crate::machine::{Paused, RunState, VmShared};
+
+mod live;
+pub use live::{
+    save_live, LiveControl, LiveEvents, LiveStats, DEFAULT_DOWNTIME_LIMIT_MS,
+    DEFAULT_MAX_BANDWIDTH, MAX_SYNCS,
+};
 
 /// QEMU's load-time refusal (`cpu/msr_hyperv_reenlightenment` post_load) when the guest enabled
 /// re-enlightenment notifications and the destination has no `tsc-frequency=`.
@@ -153,6 +160,9 @@ pub enum MigrationError {
     Stream(#[from] StreamError),
     #[error("{0}")]
     Vm(String),
+    /// `migrate_cancel` (a live save stopped at a section boundary).
+    #[error("migration cancelled")]
+    Cancelled,
 }
 
 fn vm_err(e: impl std::fmt::Display) -> MigrationError {
@@ -275,13 +285,23 @@ pub(crate) fn write_state<W: Write>(
     config: &ConfigSection,
     w: &mut StreamWriter<W>,
 ) -> Result<(), MigrationError> {
+    w.json(SectionKind::Config, config)?;
+    write_machine_state(paused, hv, w)
+}
+
+/// Writes the vCPU, device and engine sections of the paused machine ([`write_state`] without the Config; a
+/// live migration writes them after guest RAM). `paused` must cover every vCPU.
+pub(crate) fn write_machine_state<W: Write>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    w: &mut StreamWriter<W>,
+) -> Result<(), MigrationError> {
     let shared = paused.machine().clone();
     let n = shared.vcpus.len();
     if paused.vcpus().len() != n {
         return Err(vm_err("a snapshot needs every vCPU stopped"));
     }
     let list = msr_list()?;
-    w.json(SectionKind::Config, config)?;
     for i in 0..n {
         let l = list.clone();
         let kvm = paused
@@ -367,6 +387,48 @@ fn zero_ram(shared: &crate::machine::VmShared) -> Result<(), MigrationError> {
     super::snapshot::clear_ram(&shared.mem, &shared.layout).map_err(vm_err)
 }
 
+/// Writes the pages of a Memory or ZeroPages section into guest RAM, checking every address.
+fn load_pages(
+    shared: &VmShared,
+    section: &Section,
+    stats: &mut Stats,
+    done: &mut u64,
+    progress: Progress<'_>,
+) -> Result<(), MigrationError> {
+    let in_ram = |gpa: u64| -> Result<(), MigrationError> {
+        // Overflow-safe: a page at the top of the address space must not wrap around to pass the check.
+        if shared.layout.contains(gpa, PAGE_SIZE as u64) {
+            Ok(())
+        } else {
+            Err(StreamError::Corrupt(format!("page at {gpa:#x} is outside this VM's RAM")).into())
+        }
+    };
+    let mut one = |gpa: u64, page: &[u8]| -> Result<(), MigrationError> {
+        in_ram(gpa)?;
+        shared
+            .mem
+            .write_slice(page, GuestAddress(gpa))
+            .map_err(|e| vm_err(format!("cannot write guest RAM at {gpa:#x}: {e}")))?;
+        *done += PAGE_SIZE as u64;
+        if done.is_multiple_of(64 << 20) {
+            progress(*done, shared.layout.ram_size);
+        }
+        Ok(())
+    };
+    if section.kind == SectionKind::ZeroPages {
+        for gpa in section.zero_pages()? {
+            one(gpa, &[0u8; PAGE_SIZE])?;
+            stats.zero_pages += 1;
+        }
+    } else {
+        for (gpa, page) in section.pages()? {
+            one(gpa, page)?;
+            stats.pages += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Loads a stream into a freshly created, paused machine of the same configuration (`dest` describes it).
 /// Everything is validated (header, config, every vCPU and the engine section, QEMU's re-enlightenment
 /// rule) before guest RAM or any vCPU is touched; a stream that fails later (truncated or corrupted memory)
@@ -394,11 +456,28 @@ pub fn restore<R: Read>(
     }
     let src: ConfigSection = first.json()?;
     src.check_against(dest)?;
+    // A live migration's pre-copy passes: guest RAM comes before the vCPU and engine state.
+    let total = shared.layout.ram_size;
+    let mut stats = Stats::default();
+    let mut done = 0u64;
+    let mut next = r.expect_section()?;
+    let precopied = matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages);
+    if precopied {
+        zero_ram(&shared)?;
+        while matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages) {
+            load_pages(&shared, &next, &mut stats, &mut done, progress)?;
+            next = r.expect_section()?;
+        }
+    }
+    let mut next = Some(next);
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
     let mut devices: Vec<crate::devices::DeviceState> = Vec::new();
     let mut pending = loop {
-        let s = r.expect_section()?;
+        let s = match next.take() {
+            Some(s) => s,
+            None => r.expect_section()?,
+        };
         match s.kind {
             SectionKind::Vcpu => {
                 let v: VcpuSection = s.json()?;
@@ -422,7 +501,10 @@ pub fn restore<R: Read>(
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()).into())
             }
-            SectionKind::Memory | SectionKind::MemoryFile | SectionKind::End => break s,
+            SectionKind::Memory
+            | SectionKind::ZeroPages
+            | SectionKind::MemoryFile
+            | SectionKind::End => break s,
         }
     };
     if vcpus.len() != n {
@@ -458,36 +540,23 @@ pub fn restore<R: Read>(
         }
     }
 
-    // Guest RAM: a snapshot's memory file mapped copy-on-write, or the stream's pages.
-    let total = shared.layout.ram_size;
-    let mut stats = Stats::default();
-    let mut done = 0u64;
+    // Guest RAM: a snapshot's memory file mapped copy-on-write, or the stream's pages (after the state in a
+    // one-pass stream; a live migration has sent them already).
     if pending.kind == SectionKind::MemoryFile {
+        if precopied {
+            return Err(StreamError::Corrupt(
+                "a memory file section after guest pages".to_string(),
+            )
+            .into());
+        }
         let m: super::snapshot::MemoryFileSection = pending.json()?;
         stats.pages = super::snapshot::map_memory_file(&shared, &m)?;
         pending = r.expect_section()?;
-    } else {
+    } else if !precopied {
         zero_ram(&shared)?;
     }
-    while pending.kind == SectionKind::Memory {
-        for (gpa, page) in pending.pages()? {
-            // Overflow-safe: a page at the top of the address space must not wrap around to pass the check.
-            if !shared.layout.contains(gpa, PAGE_SIZE as u64) {
-                return Err(StreamError::Corrupt(format!(
-                    "page at {gpa:#x} is outside this VM's RAM"
-                ))
-                .into());
-            }
-            shared
-                .mem
-                .write_slice(page, GuestAddress(gpa))
-                .map_err(|e| vm_err(format!("cannot write guest RAM at {gpa:#x}: {e}")))?;
-            stats.pages += 1;
-            done += PAGE_SIZE as u64;
-            if done.is_multiple_of(64 << 20) {
-                progress(done, total);
-            }
-        }
+    while matches!(pending.kind, SectionKind::Memory | SectionKind::ZeroPages) {
+        load_pages(&shared, &pending, &mut stats, &mut done, progress)?;
         pending = r.expect_section()?;
     }
     if pending.kind != SectionKind::End {

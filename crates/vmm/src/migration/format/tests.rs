@@ -130,9 +130,11 @@ fn refusals_name_the_problem() {
     let mut bad_magic = good.clone();
     bad_magic[0] = b'X';
     let mut new_version = good.clone();
-    new_version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    new_version[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
     let mut old_version = good.clone();
     old_version[8..12].copy_from_slice(&0u32.to_le_bytes());
+    let mut one_pass_version = good.clone();
+    one_pass_version[8..12].copy_from_slice(&1u32.to_le_bytes());
     let hdr = 14 + ENLIGHTEN_VERSION.len();
     let mut bad_kind = good.clone();
     bad_kind[hdr..hdr + 4].copy_from_slice(&0x77u32.to_le_bytes());
@@ -153,7 +155,12 @@ fn refusals_name_the_problem() {
         (
             "newer version",
             new_version,
-            "format version 2 is not supported (this build reads version 1)",
+            "format version 3 is not supported (this build reads version 2)",
+        ),
+        (
+            "version 1 (before live migration)",
+            one_pass_version,
+            "format version 1 is not supported (this build reads version 2)",
         ),
         (
             "older version",
@@ -346,5 +353,96 @@ proptest! {
                 prop_assert_eq!(secs, orig);
             }
         }
+    }
+}
+
+#[test]
+fn later_passes_send_zero_pages_as_addresses() {
+    let mut w = StreamWriter::new(Vec::new()).unwrap();
+    let mut first = PageBatch::default();
+    let mut later = PageBatch::new(true);
+    let data = [7u8; PAGE_SIZE];
+    let zero = [0u8; PAGE_SIZE];
+    for (gpa, page) in [(0x1000u64, &zero), (0x2000, &data), (0x3000, &zero)] {
+        first.add(&mut w, gpa, page).unwrap();
+        later.add(&mut w, gpa, page).unwrap();
+    }
+    first.flush(&mut w).unwrap();
+    later.flush(&mut w).unwrap();
+    let bytes = w.finish().unwrap();
+    let secs = read_all(&bytes).unwrap();
+    let kinds: Vec<SectionKind> = secs.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            SectionKind::Memory,
+            SectionKind::Memory,
+            SectionKind::ZeroPages,
+            SectionKind::End
+        ]
+    );
+    assert_eq!((first.sent_pages, first.zero_pages), (1, 2));
+    assert_eq!((later.sent_pages, later.zero_pages), (1, 2));
+    assert_eq!(secs[2].zero_pages().unwrap(), vec![0x1000, 0x3000]);
+    // A full ZeroPages section goes out by itself.
+    let mut w = StreamWriter::new(Vec::new()).unwrap();
+    let mut b = PageBatch::new(true);
+    for i in 0..MAX_ZERO_PAGES_PER_SECTION as u64 + 1 {
+        b.add(&mut w, i * PAGE_SIZE as u64, &zero).unwrap();
+    }
+    b.flush(&mut w).unwrap();
+    let secs = read_all(&w.finish().unwrap()).unwrap();
+    let lens: Vec<usize> = secs
+        .iter()
+        .filter(|s| s.kind == SectionKind::ZeroPages)
+        .map(|s| s.zero_pages().map(|v| v.len()).unwrap_or(0))
+        .collect();
+    assert_eq!(lens, [MAX_ZERO_PAGES_PER_SECTION, 1]);
+}
+
+#[test]
+fn zero_pages_payload_shape_is_checked() {
+    let cases: &[(&[u8], &str)] = &[
+        (&[0u8; 7], "not a whole number of 8-byte page addresses"),
+        (
+            &0x1001u64.to_le_bytes(),
+            "page address 0x1001 is not page-aligned",
+        ),
+    ];
+    for (payload, fragment) in cases {
+        let s = Section {
+            kind: SectionKind::ZeroPages,
+            payload: payload.to_vec(),
+        };
+        let e = s.zero_pages().unwrap_err().to_string();
+        assert!(e.contains(fragment), "{e}");
+    }
+    let not_zero = Section {
+        kind: SectionKind::Memory,
+        payload: Vec::new(),
+    };
+    assert!(not_zero.zero_pages().is_err());
+}
+
+#[test]
+fn crc32_slicing_matches_the_bytewise_definition() {
+    // The bitwise definition, one bit at a time, against the table-driven one on lengths around 8.
+    fn slow(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
+    for len in 0..data.len() {
+        assert_eq!(crc32(&data[..len]), slow(&data[..len]), "length {len}");
     }
 }

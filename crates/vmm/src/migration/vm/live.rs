@@ -1,0 +1,568 @@
+//! Live migration: iterative pre-copy with KVM dirty logging, then stop-and-copy.
+//!
+//! ```text
+//! setup      dirty logging on (KVM_MEM_LOG_DIRTY_PAGES on every RAM slot), the engine's dirty set emptied;
+//!            sync 1 = every page                                               MIGRATION_PASS 1
+//! pass 1     every non-zero page, while the guest runs (rate-limited)
+//! sync k     KVM's dirty log ∪ the pages the VMM wrote (engine, PV EOI) ∪ all of RAM after a reset
+//!                                                                              MIGRATION_PASS k
+//!            converge when remaining / bandwidth <= downtime limit, or after MAX_SYNCS syncs
+//! pass k     the pages dirtied since sync k-1 (zero pages as ZeroPages records), rate-limited
+//! stop       every vCPU stopped through the rendezvous (pending exits completed); a last sync
+//!            (MIGRATION_PASS), the last dirty pages without rate limit, vCPU/device/engine state, End
+//! ```
+//!
+//! The caller gets the stopped vCPUs back ([`Paused`]) and keeps the source paused until the destination
+//! confirms; dirty logging is turned off whatever the outcome.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::{vm_err, write_machine_state, MigrationError};
+use crate::hv::HvGlue;
+use crate::machine::{Paused, VmHandle, VmShared};
+use crate::migration::format::{ConfigSection, PageBatch, SectionKind, StreamWriter, PAGE_SIZE};
+
+/// Dirty-bitmap syncs before the source stops whatever the estimate (a guest that dirties memory faster than
+/// it can be sent never converges; QEMU would iterate forever).
+pub const MAX_SYNCS: u64 = 30;
+
+/// QEMU's default downtime limit (ms).
+pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+/// QEMU's default bandwidth limit (bytes/s; `MAX_THROTTLE`).
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
+/// Statistics of a live save, as `query-migrate` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LiveStats {
+    /// Stream bytes written so far.
+    pub bytes: u64,
+    /// Bytes written while the guest ran (header, config and the pre-copy passes).
+    pub precopy_bytes: u64,
+    /// Bytes written while the vCPUs were stopped (last pages and state).
+    pub downtime_bytes: u64,
+    /// Non-zero pages sent (a page sent in two passes counts twice).
+    pub pages: u64,
+    /// Zero pages met (elided in pass 1, ZeroPages records later).
+    pub zero_pages: u64,
+    /// Bytes of RAM still to send: the pages of pass 1 not yet scanned, then the dirty pages of the last sync.
+    pub remaining: u64,
+    /// Dirty-bitmap syncs so far (QEMU's `dirty-sync-count`; each one is a MIGRATION_PASS).
+    pub dirty_syncs: u64,
+    /// Send rate of the last pass (bytes/s).
+    pub bandwidth: f64,
+    /// Pages sent per second in the last pass.
+    pub pages_per_second: f64,
+    /// Pages the guest dirtied per second between the last two syncs.
+    pub dirty_pages_rate: u64,
+    /// Estimated downtime (ms) if the source stopped now: the dirty pages over the pages per second (zero pages
+    /// included) the last pass processed.
+    pub expected_downtime_ms: u64,
+    /// Time from the start of the save to pass 1 (ms).
+    pub setup_ms: u64,
+}
+
+/// Settings and controls shared between a running live save and its owner (QMP `migrate-set-parameters`
+/// and `migrate_cancel` take effect at once).
+pub struct LiveControl {
+    /// Set to cancel: the save stops at the next section boundary with [`MigrationError::Cancelled`].
+    pub cancel: AtomicBool,
+    /// Bandwidth limit of the pre-copy passes in bytes/s (0: none). The stop-and-copy pass is not limited,
+    /// as in QEMU.
+    pub max_bandwidth: AtomicU64,
+    /// The downtime the source may be stopped for (ms); pre-copy ends when the estimate is below it.
+    pub downtime_limit_ms: AtomicU64,
+    stats: Mutex<LiveStats>,
+}
+
+impl Default for LiveControl {
+    fn default() -> Self {
+        LiveControl {
+            cancel: AtomicBool::new(false),
+            max_bandwidth: AtomicU64::new(DEFAULT_MAX_BANDWIDTH),
+            downtime_limit_ms: AtomicU64::new(DEFAULT_DOWNTIME_LIMIT_MS),
+            stats: Mutex::new(LiveStats::default()),
+        }
+    }
+}
+
+impl LiveControl {
+    /// The statistics so far.
+    pub fn stats(&self) -> LiveStats {
+        *self.lock()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LiveStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LiveStats)) {
+        f(&mut self.lock());
+    }
+
+    fn cancelled(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::SeqCst) {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a live save tells its owner while it runs (the QMP glue turns them into events and run states).
+pub trait LiveEvents {
+    /// Dirty-bitmap sync number `n` (from 1): QEMU's MIGRATION_PASS.
+    fn pass(&self, n: u64);
+    /// The vCPUs are about to be stopped for the stop-and-copy pass (QEMU's STOP, `finish-migrate`).
+    fn stopping(&self);
+}
+
+/// The set of dirty pages, one bitmap per RAM region (KVM's layout: bit `i` = page `i` of the region).
+struct DirtySet {
+    maps: Vec<Vec<u64>>,
+    pages: Vec<u64>,
+}
+
+impl DirtySet {
+    fn new(shared: &VmShared) -> DirtySet {
+        let pages: Vec<u64> = shared
+            .layout
+            .regions
+            .iter()
+            .map(|r| r.size / PAGE_SIZE as u64)
+            .collect();
+        let maps = pages
+            .iter()
+            .map(|&p| vec![0u64; p.div_ceil(64) as usize])
+            .collect();
+        DirtySet { maps, pages }
+    }
+
+    fn fill(&mut self) {
+        for (m, &p) in self.maps.iter_mut().zip(&self.pages) {
+            m.fill(u64::MAX);
+            let tail = p % 64;
+            if tail != 0 {
+                if let Some(last) = m.last_mut() {
+                    *last = (1u64 << tail) - 1;
+                }
+            }
+        }
+    }
+
+    fn merge_kvm(&mut self, slot: usize, log: &[u64]) {
+        if let Some(m) = self.maps.get_mut(slot) {
+            for (d, s) in m.iter_mut().zip(log) {
+                *d |= *s;
+            }
+        }
+    }
+
+    /// Adds page frame `pfn` if it is RAM.
+    fn add_pfn(&mut self, shared: &VmShared, pfn: u64) {
+        let Some(gpa) = pfn.checked_mul(PAGE_SIZE as u64) else {
+            return;
+        };
+        for (i, r) in shared.layout.regions.iter().enumerate() {
+            if gpa >= r.start && gpa - r.start < r.size {
+                let page = (gpa - r.start) / PAGE_SIZE as u64;
+                if let Some(w) = self.maps[i].get_mut((page / 64) as usize) {
+                    *w |= 1 << (page % 64);
+                }
+                return;
+            }
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.maps
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// The dirty pages' addresses, and an empty set.
+    fn drain(&mut self, shared: &VmShared) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (m, r) in self.maps.iter_mut().zip(&shared.layout.regions) {
+            for (wi, w) in m.iter_mut().enumerate() {
+                let mut bits = std::mem::take(w);
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    out.push(r.start + (wi as u64 * 64 + b) * PAGE_SIZE as u64);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Turns dirty logging off when dropped (success, failure or cancel).
+struct LoggingGuard<'a>(&'a VmShared);
+
+impl Drop for LoggingGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_dirty_logging(false) {
+            tracing::warn!("cannot turn dirty logging off: {e}");
+        }
+    }
+}
+
+/// Longest burst the rate limiter allows after a slow period (QEMU's rate limit works in 100 ms windows).
+const THROTTLE_WINDOW: Duration = Duration::from_millis(100);
+
+/// Average-rate limiter for the pre-copy passes: after `n` bytes since `start`, waits until
+/// `start + n / limit`. Restarts when the limit changes.
+struct Throttle {
+    start: Instant,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle {
+            start: Instant::now(),
+            bytes: 0,
+            limit: 0,
+        }
+    }
+
+    fn account(&mut self, bytes: u64, ctl: &LiveControl) -> Result<(), MigrationError> {
+        let limit = ctl.max_bandwidth.load(Ordering::SeqCst);
+        if limit != self.limit {
+            *self = Throttle {
+                start: Instant::now(),
+                bytes: 0,
+                limit,
+            };
+        }
+        if limit == 0 {
+            return Ok(());
+        }
+        self.bytes += bytes;
+        let mut due = self.start + Duration::from_secs_f64(self.bytes as f64 / limit as f64);
+        // No credit for slow periods (scanning zero pages, a slow receiver) beyond one window: what was not
+        // sent then does not make a later burst faster than the limit.
+        let now = Instant::now();
+        if now > due + THROTTLE_WINDOW {
+            self.start = now - THROTTLE_WINDOW;
+            self.bytes = (limit as f64 * THROTTLE_WINDOW.as_secs_f64()) as u64;
+            due = now;
+        }
+        loop {
+            ctl.cancelled()?;
+            let now = Instant::now();
+            if now >= due || ctl.max_bandwidth.load(Ordering::SeqCst) != limit {
+                return Ok(());
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(20)));
+        }
+    }
+}
+
+/// Collects every dirty page (KVM's log of each RAM slot, the VMM's own writes, all of RAM after a reset).
+fn sync(
+    shared: &VmShared,
+    hv: Option<&HvGlue>,
+    dirty: &mut DirtySet,
+    epoch: &mut u64,
+) -> Result<(), MigrationError> {
+    for slot in 0..shared.layout.regions.len() {
+        let log = shared.take_dirty_log(slot).map_err(vm_err)?;
+        dirty.merge_kvm(slot, &log);
+    }
+    if let Some(hv) = hv {
+        for pfn in hv.take_dirty_pages() {
+            dirty.add_pfn(shared, pfn);
+        }
+    }
+    let now = shared.ram_epoch();
+    if now != *epoch {
+        *epoch = now;
+        dirty.fill();
+    }
+    Ok(())
+}
+
+/// Sends the pages at `gpas`: non-zero ones as Memory records, zero ones dropped (`first`: the receiver
+/// starts from zeroed RAM) or as ZeroPages records. With `throttle`, rate-limited and cancellable.
+#[allow(clippy::too_many_arguments)]
+fn send_pages<W: Write>(
+    shared: &VmShared,
+    w: &mut StreamWriter<W>,
+    gpas: impl Iterator<Item = u64>,
+    first: bool,
+    ctl: &LiveControl,
+    mut throttle: Option<&mut Throttle>,
+    remaining_pages: u64,
+) -> Result<(), MigrationError> {
+    let mut batch = PageBatch::new(!first);
+    let mut page = [0u8; PAGE_SIZE];
+    let mut left = remaining_pages;
+    let mut last = w.written();
+    let (mut sent, mut zero) = (0u64, 0u64);
+    for gpa in gpas {
+        read_page(shared, gpa, &mut page)?;
+        batch.add(w, gpa, &page)?;
+        left = left.saturating_sub(1);
+        if w.written() != last {
+            // A section went out.
+            let n = w.written() - last;
+            last = w.written();
+            ctl.update(|s| {
+                s.bytes = last;
+                s.pages += batch.sent_pages - sent;
+                s.zero_pages += batch.zero_pages - zero;
+                s.remaining = left * PAGE_SIZE as u64;
+            });
+            sent = batch.sent_pages;
+            zero = batch.zero_pages;
+            if let Some(t) = throttle.as_deref_mut() {
+                t.account(n, ctl)?;
+            } else {
+                ctl.cancelled()?;
+            }
+        }
+    }
+    batch.flush(w)?;
+    let n = w.written() - last;
+    ctl.update(|s| {
+        s.bytes = w.written();
+        s.pages += batch.sent_pages - sent;
+        s.zero_pages += batch.zero_pages - zero;
+        s.remaining = 0;
+    });
+    if let Some(t) = throttle {
+        t.account(n, ctl)?;
+    }
+    Ok(())
+}
+
+/// Copies the guest page at `gpa` (page-aligned, in RAM) while the guest may be writing it: a torn copy is
+/// harmless, since a written page is in the next dirty sync and sent again. One `memcpy` from the host mapping
+/// (vm-memory's volatile copy is a word loop, about ten times slower in debug builds).
+fn read_page(
+    shared: &VmShared,
+    gpa: u64,
+    page: &mut [u8; PAGE_SIZE],
+) -> Result<(), MigrationError> {
+    let bad = |e: &dyn std::fmt::Display| vm_err(format!("cannot read guest RAM at {gpa:#x}: {e}"));
+    if !shared.layout.contains(gpa, PAGE_SIZE as u64) {
+        return Err(bad(&"not RAM"));
+    }
+    let slice = shared
+        .mem
+        .get_slice(GuestAddress(gpa), PAGE_SIZE)
+        .map_err(|e| bad(&e))?;
+    if slice.len() != PAGE_SIZE {
+        return Err(bad(&"the page crosses a region boundary"));
+    }
+    // SAFETY: `slice` covers PAGE_SIZE bytes of the live host mapping of guest RAM (checked above), which `mem`
+    // keeps mapped while `shared` lives; `page` is a distinct, writable buffer of PAGE_SIZE bytes. The guest may
+    // change the source bytes during the copy (they are shared with the VM, like every access vm-memory makes).
+    unsafe {
+        std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), page.as_mut_ptr(), PAGE_SIZE)
+    };
+    Ok(())
+}
+
+/// Every page of RAM, in address order.
+fn all_pages(shared: &VmShared) -> impl Iterator<Item = u64> + '_ {
+    shared
+        .layout
+        .regions
+        .iter()
+        .flat_map(|r| (0..r.size / PAGE_SIZE as u64).map(move |i| r.start + i * PAGE_SIZE as u64))
+}
+
+/// Live-migrates the running machine of `vm` into `out`: pre-copy passes while the guest runs, then every vCPU
+/// stopped through the rendezvous and the rest (see the module documentation). Returns the output, the
+/// stopped vCPUs (the caller resumes them by dropping, or keeps the source paused once the destination
+/// confirmed) and the statistics (also in `ctl`). On an error or a cancel the vCPUs are resumed before this
+/// returns.
+pub fn save_live<W: Write>(
+    vm: &VmHandle,
+    hv: Option<&HvGlue>,
+    config: &ConfigSection,
+    out: W,
+    ctl: &LiveControl,
+    events: &dyn LiveEvents,
+) -> Result<(W, Paused, LiveStats), MigrationError> {
+    let t0 = Instant::now();
+    let shared: &VmShared = vm.shared();
+    let total_pages = shared.layout.ram_size / PAGE_SIZE as u64;
+    ctl.update(|s| {
+        *s = LiveStats {
+            remaining: shared.layout.ram_size,
+            ..LiveStats::default()
+        }
+    });
+    // Setup: dirty logging on, the VMM's dirty set emptied; pass 1 sends everything.
+    shared.set_dirty_logging(true).map_err(vm_err)?;
+    let _logging = LoggingGuard(shared);
+    let mut dirty = DirtySet::new(shared);
+    let mut epoch = shared.ram_epoch();
+    sync(shared, hv, &mut dirty, &mut epoch)?;
+    let _ = dirty.drain(shared);
+    let mut w = StreamWriter::new(out)?;
+    w.json(SectionKind::Config, config)?;
+    let mut syncs = 1u64;
+    ctl.update(|s| {
+        s.dirty_syncs = syncs;
+        s.bytes = w.written();
+        s.setup_ms = t0.elapsed().as_millis() as u64;
+    });
+    events.pass(syncs);
+    let mut throttle = Throttle::new();
+    throttle.account(w.written(), ctl)?;
+
+    // Pre-copy.
+    let mut pass_start = Instant::now();
+    let mut pass_bytes0 = w.written();
+    let mut pages0 = 0u64;
+    let mut pass_pages = total_pages;
+    let mut page_rate = 0.0f64;
+    let mut sync_at = Instant::now();
+    send_pages(
+        shared,
+        &mut w,
+        all_pages(shared),
+        true,
+        ctl,
+        Some(&mut throttle),
+        total_pages,
+    )?;
+    loop {
+        // Measure the pass just sent.
+        let elapsed = pass_start.elapsed().as_secs_f64().max(1e-6);
+        let pass_bytes = w.written() - pass_bytes0;
+        let stats = ctl.stats();
+        let prev_bw = stats.bandwidth;
+        let bandwidth = if pass_bytes >= 64 * 1024 || prev_bw == 0.0 {
+            pass_bytes as f64 / elapsed
+        } else {
+            prev_bw
+        };
+        let pps = (stats.pages - pages0) as f64 / elapsed;
+        // Pages processed per second, zero pages included: the cost of the final pass per dirty page.
+        if pass_pages >= 64 || page_rate == 0.0 {
+            page_rate = pass_pages as f64 / elapsed;
+        }
+        // Sync.
+        sync(shared, hv, &mut dirty, &mut epoch)?;
+        syncs += 1;
+        let since = sync_at.elapsed().as_secs_f64().max(1e-6);
+        sync_at = Instant::now();
+        let n = dirty.count();
+        let remaining = n * PAGE_SIZE as u64;
+        let expected_ms = if page_rate > 0.0 {
+            (n as f64 / page_rate * 1000.0).ceil() as u64
+        } else {
+            u64::MAX
+        };
+        ctl.update(|s| {
+            s.dirty_syncs = syncs;
+            s.bandwidth = bandwidth;
+            s.pages_per_second = pps;
+            s.dirty_pages_rate = (n as f64 / since) as u64;
+            s.remaining = remaining;
+            s.expected_downtime_ms = expected_ms;
+        });
+        events.pass(syncs);
+        ctl.cancelled()?;
+        let limit = ctl.downtime_limit_ms.load(Ordering::SeqCst);
+        if expected_ms <= limit || syncs >= MAX_SYNCS {
+            tracing::debug!(syncs, remaining, bandwidth, expected_ms, "pre-copy ends");
+            break;
+        }
+        pass_start = Instant::now();
+        pass_bytes0 = w.written();
+        pages0 = ctl.stats().pages;
+        let gpas = dirty.drain(shared);
+        pass_pages = gpas.len() as u64;
+        send_pages(
+            shared,
+            &mut w,
+            gpas.into_iter(),
+            false,
+            ctl,
+            Some(&mut throttle),
+            pass_pages,
+        )?;
+    }
+    let precopy_bytes = w.written();
+
+    // Stop-and-copy.
+    events.stopping();
+    let paused = vm.pause_all();
+    ctl.cancelled()?;
+    sync(shared, hv, &mut dirty, &mut epoch)?;
+    syncs += 1;
+    ctl.update(|s| {
+        s.dirty_syncs = syncs;
+        s.precopy_bytes = precopy_bytes;
+        s.remaining = dirty.count() * PAGE_SIZE as u64;
+    });
+    events.pass(syncs);
+    let gpas = dirty.drain(shared);
+    let count = gpas.len() as u64;
+    send_pages(shared, &mut w, gpas.into_iter(), false, ctl, None, count)?;
+    write_machine_state(&paused, hv, &mut w)?;
+    ctl.cancelled()?;
+    let bytes = w.written() + 16;
+    let out = w.finish()?;
+    ctl.update(|s| {
+        s.bytes = bytes;
+        s.downtime_bytes = bytes - precopy_bytes;
+        s.remaining = 0;
+        s.expected_downtime_ms = 0;
+    });
+    Ok((out, paused, ctl.stats()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_waits_for_the_average_rate() {
+        let ctl = LiveControl::default();
+        ctl.max_bandwidth.store(1 << 20, Ordering::SeqCst);
+        let mut t = Throttle::new();
+        let start = Instant::now();
+        // 200 KiB at 1 MiB/s: at least ~195 ms.
+        for _ in 0..50 {
+            t.account(4096, &ctl)
+                .map_err(|e| e.to_string())
+                .unwrap_or(());
+        }
+        let ms = start.elapsed().as_millis();
+        assert!(ms >= 180, "{ms} ms");
+        // No limit: no wait.
+        ctl.max_bandwidth.store(0, Ordering::SeqCst);
+        let start = Instant::now();
+        for _ in 0..50 {
+            assert!(t.account(1 << 20, &ctl).is_ok());
+        }
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn throttle_is_cancellable() {
+        let ctl = LiveControl::default();
+        ctl.max_bandwidth.store(1, Ordering::SeqCst);
+        ctl.cancel.store(true, Ordering::SeqCst);
+        let mut t = Throttle::new();
+        assert!(matches!(
+            t.account(1 << 20, &ctl),
+            Err(MigrationError::Cancelled)
+        ));
+    }
+}
