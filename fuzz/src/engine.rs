@@ -131,8 +131,8 @@ const CODES: &[u16] = &[
 ];
 
 /// Connection ids with a registered message / event handler.
-const MESSAGE_CONNECTIONS: &[u32] = &[1, 2, hc::CONNECTION_ID_MASK];
-const EVENT_CONNECTIONS: &[u32] = &[1, 3, hc::CONNECTION_ID_MASK];
+pub(crate) const MESSAGE_CONNECTIONS: &[u32] = &[1, 2, hc::CONNECTION_ID_MASK];
+pub(crate) const EVENT_CONNECTIONS: &[u32] = &[1, 3, hc::CONNECTION_ID_MASK];
 
 /// Counters of what the driver reached (for the harness's own tests and for tuning; relaxed atomics, cheap).
 pub mod stats {

@@ -6,13 +6,14 @@
 //! 2. the Config section first (`Section::json::<ConfigSection>`), checked against the destination's config
 //!    (`ConfigSection::check_against`);
 //! 3. Vcpu sections in index order (`vm::VcpuSection`: KVM registers, XSAVE, MSRs, the userspace APIC), at most
-//!    one Engine section (`vm::EngineSection`), Device and second Config sections refused, then the vCPU count and
-//!    the engine/no-engine match and QEMU's re-enlightenment rule;
+//!    one Engine section (`vm::EngineSection`), Device sections (`devices::DeviceState`), a second Config
+//!    refused, then the vCPU count and the engine/no-engine match and QEMU's re-enlightenment rule;
 //! 4. Memory sections (`Section::pages`), each page checked against the destination's RAM layout
 //!    (`MemoryLayout::contains`, as restore does) and written into a model guest RAM (`vm_memory`'s
 //!    `GuestMemoryMmap`, as the VMM does) of the destination's layout, then End;
 //! 5. the decoded state applied to the pure parts of the destination: each vCPU's `LocalApic::restore` (then its
-//!    timer, a tick, and save → restore → save), and the engine (`Engine::restore` plus the reference-time rebase)
+//!    timer, a tick, and save → restore → save), the device states into the standard port-I/O bus
+//!    (`PioBus::restore_states`, then guest accesses to every device and save → restore → save), and the engine (`Engine::restore` plus the reference-time rebase)
 //!    on the fuzz platform, after which engine operations run with every engine invariant (see
 //!    [`crate::engine`]).
 //!
@@ -43,6 +44,7 @@ use arbitrary::Unstructured;
 use hyperv::VpId;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::apic::{ApicConfig, LocalApic};
+use vmm::devices::{standard_bus, DeviceState, PioBus, SerialSink};
 use vmm::migration::format::{
     crc32, ConfigSection, Section, SectionKind, StreamError, StreamReader, StreamWriter,
     FORMAT_VERSION, PAGE_RECORD, PAGE_SIZE,
@@ -82,6 +84,7 @@ pub mod stats {
     pub static PAGES_REFUSED: AtomicU64 = AtomicU64::new(0);
     pub static STREAMS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
     pub static APICS_RESTORED: AtomicU64 = AtomicU64::new(0);
+    pub static DEVICES_RESTORED: AtomicU64 = AtomicU64::new(0);
     pub static ENGINES_RESTORED: AtomicU64 = AtomicU64::new(0);
 
     pub(crate) fn bump(c: &AtomicU64) {
@@ -99,6 +102,7 @@ pub mod stats {
             ("pages_refused", &PAGES_REFUSED),
             ("streams_accepted", &STREAMS_ACCEPTED),
             ("apics_restored", &APICS_RESTORED),
+            ("devices_restored", &DEVICES_RESTORED),
             ("engines_restored", &ENGINES_RESTORED),
         ]
         .iter()
@@ -311,6 +315,7 @@ pub fn load(dest: &Dest, input: impl Read, engine_input: &mut Unstructured<'_>) 
 
 struct Loaded {
     vcpus: Vec<VcpuSection>,
+    devices: Vec<DeviceState>,
     engine: Option<EngineSection>,
     pages: u64,
 }
@@ -351,6 +356,7 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
     stats::bump(&stats::CONFIG_MATCHED);
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
+    let mut devices: Vec<DeviceState> = Vec::new();
     let mut pending = loop {
         let s = r.expect_section()?;
         check_section_bounds(&s);
@@ -374,11 +380,7 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
                 engine = Some(s.json()?);
                 stats::bump(&stats::ENGINES_DECODED);
             }
-            SectionKind::Device => {
-                return Err(StreamError::Mismatch(
-                    "the stream carries device state this build cannot load".to_string(),
-                ))
-            }
+            SectionKind::Device => devices.push(s.json()?),
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()))
             }
@@ -422,6 +424,7 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
         // Mapping a memory file needs the file; the walk ends here.
         return Ok(Loaded {
             vcpus,
+            devices,
             engine,
             pages,
         });
@@ -466,6 +469,7 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
     assert!(matches!(r.next_section(), Ok(None)));
     Ok(Loaded {
         vcpus,
+        devices,
         engine,
         pages,
     })
@@ -525,6 +529,7 @@ fn apply(dest: &Dest, loaded: Loaded, engine_input: &mut Unstructured<'_>) {
             let _ = apic.next_timer_deadline_ns();
         }
     }
+    restore_devices(dest, &loaded.devices);
     if let Some(e) = loaded.engine {
         let Ok(Some(mut h)) =
             Harness::with_vps(engine_input, Focus::SynicStimer, loaded.vcpus.len())
@@ -544,6 +549,87 @@ fn apply(dest: &Dest, loaded: Loaded, engine_input: &mut Unstructured<'_>) {
                 break;
             };
             h.step(op);
+        }
+    }
+}
+
+/// The destination's standard port-I/O bus (serial output discarded).
+fn bus(dest: &Dest) -> PioBus {
+    let cpus = u16::try_from(dest.config.vcpus).unwrap_or(u16::MAX);
+    match standard_bus(SerialSink::Null, None, dest.config.ram_size, cpus) {
+        Ok(b) => b,
+        Err(e) => panic!("the standard bus does not build: {e}"),
+    }
+}
+
+/// Guest accesses after a device restore: every register of every standard device, each width, reads and
+/// writes (values that leave the devices usable: no shutdown sequence, no reset).
+const PIO_READS: &[(u16, usize)] = &[
+    (0x3F8, 1),
+    (0x3F9, 1),
+    (0x3FA, 1),
+    (0x3FB, 1),
+    (0x3FC, 1),
+    (0x3FD, 1),
+    (0x3FE, 1),
+    (0x3FF, 1),
+    (0x3F8, 4),
+    (0x3FD, 2),
+    (0x510, 2),
+    (0x511, 1),
+    (0x511, 4),
+    (0x511, 2),
+    (0x8900, 1),
+    (0x20, 1),
+    (0x21, 1),
+    (0xA0, 1),
+    (0xA1, 1),
+];
+
+fn restore_devices(dest: &Dest, states: &[DeviceState]) {
+    let mut b = bus(dest);
+    let fresh = b.save_states();
+    if b.restore_states(states).is_err() {
+        // A state for a device this bus does not have, or twice, is refused before any device changes.
+        let known = states.iter().all(|s| fresh.iter().any(|f| f.id == s.id));
+        let distinct = states
+            .iter()
+            .enumerate()
+            .all(|(i, s)| states[..i].iter().all(|o| o.id != s.id));
+        if !known || !distinct {
+            assert_eq!(
+                b.save_states(),
+                fresh,
+                "a refused device restore changed a device"
+            );
+        }
+        return;
+    }
+    stats::bump(&stats::DEVICES_RESTORED);
+    let saved = b.save_states();
+    let mut again = bus(dest);
+    assert!(
+        again.restore_states(&saved).is_ok(),
+        "saved device states are refused"
+    );
+    assert_eq!(
+        again.save_states(),
+        saved,
+        "device save → restore → save changed the state"
+    );
+    for round in 0..3u8 {
+        for &(port, width) in PIO_READS {
+            let mut data = [0u8; 4];
+            b.read(port, &mut data[..width]);
+        }
+        // Serial: a byte out, interrupt enables, FIFO control; fw_cfg: select an item and read on.
+        for (port, value) in [
+            (0x3F8u16, 0x41u8 ^ round),
+            (0x3F9, 0x0F),
+            (0x3FA, 0xC7),
+            (0x510, round),
+        ] {
+            let _ = b.write(port, &[value]);
         }
     }
 }
@@ -600,6 +686,27 @@ pub fn seed_streams() -> Vec<(String, Vec<u8>)> {
                 code: 2,
                 flags: 0,
                 payload: json(&v),
+            });
+        }
+        // The standard devices after some guest activity: the UART configured with unread input, fw_cfg in the
+        // middle of an item.
+        let mut b = bus(&dest);
+        for (port, value) in [
+            (0x3FBu16, 0x80u8),
+            (0x3F8, 1),
+            (0x3FB, 3),
+            (0x3F9, 1),
+            (0x510, 1),
+        ] {
+            let _ = b.write(port, &[value]);
+        }
+        let mut byte = [0u8];
+        b.read(0x511, &mut byte);
+        for d in b.save_states() {
+            sections.push(RawSection {
+                code: 3,
+                flags: 0,
+                payload: json(&d),
             });
         }
         if dest.config.hyperv {
@@ -672,7 +779,18 @@ fn seed_engine_state(vps: usize) -> hyperv::EngineState {
             let _ = engine.write_msr(VpId(vp), msr, value);
         }
     }
-    engine.save()
+    let mut state = engine.save();
+    // The harness's engine has the fuzz connections registered; a restore needs exactly the saved ones.
+    let sorted = |ids: &[u32]| {
+        let mut v = ids.to_vec();
+        v.sort_unstable();
+        v
+    };
+    state.connections = hyperv::state::ConnectionIds {
+        messages: sorted(crate::engine::MESSAGE_CONNECTIONS),
+        events: sorted(crate::engine::EVENT_CONNECTIONS),
+    };
+    state
 }
 
 #[cfg(test)]
@@ -816,7 +934,7 @@ mod tests {
         for (i, mutation) in crate::test_inputs(0xA11CE, 400, 16).into_iter().enumerate() {
             let (_, mut data) = seeds[i % seeds.len()].clone();
             // Flip a few bytes (CRCs are recomputed in structured mode, so JSON gets damaged, not checksums).
-            for pair in mutation.chunks_exact(2).take(i % 4) {
+            for pair in mutation.chunks_exact(2).take((i / 4) % 4) {
                 let at = 4 + usize::from(pair[0]) * (data.len() - 4) / 256;
                 data[at] ^= pair[1];
             }
