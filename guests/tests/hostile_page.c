@@ -13,19 +13,24 @@
  * CPUs read TIME_REF_COUNT, reprogram their stimers, write EOM and make hypercalls: no deadlock, reference time
  * monotonic on every CPU, exact statuses.
  *
+ * postflood (mode=postflood posts=N, -smp 2+, -device hyperv-testdev): every CPU but 0 posts N messages to one
+ * PostMessage connection that targets CPU 0; statuses SUCCESS or INSUFFICIENT_BUFFERS only, and every accepted
+ * message delivered exactly once.
+ *
  * hammer (mode=hammer iters=N, any -smp up to 1024): every CPU makes N rounds of three hypercalls through the
  * same page at once (NotifyLongSpinWait, an unknown code, a fast SendSyntheticClusterIpi to nobody); each must
  * return its exact status.
  *
  * Needs -cpu host,hv-passthrough (hv-vpindex and hv-ipi at least).
  */
-#include "hv.h"
+#include "synic.h"
 
 #define UNKNOWN_CODE 0x7FFFul
 #define SENTINEL 0x5E5E5E5E5E5E5E00ul
 #define MARK_UD 0x0D0D0D0D0D0D0D06ul
 #define KVM_ENOSYS ((u64)-1000l)
 #define NPAGES 4
+#define HVMSG_TEST_FLOOD 0x7E57u
 
 /* First 8 bytes of the page; every variant has `ret` at offset 2, so a call that ran the 2-byte first
  * instruction of one version and then fetched offset 2 of another still returns. Only instructions this host's
@@ -273,11 +278,111 @@ static void msr_race(u64 rounds)
     report(race_bad == 0, "every hypercall during the race kept its status (%u wrong)", race_bad);
 }
 
+/* ---- postflood: every CPU but 0 posts messages to one connection whose target is CPU 0's SINT 3 as fast as
+ * it can; CPU 0 consumes them. Every PostMessage returns SUCCESS (staged, will be delivered) or
+ * INSUFFICIENT_BUFFERS (the connection's single staging buffer is busy: retry); each successful post is
+ * delivered exactly once, none is lost, none duplicated. */
+#define FLOOD_VECTOR 0x43
+#define FLOOD_CONN 30
+#define FLOOD_MAX 512
+static struct hv_message *flood_simp;
+static volatile u32 flood_got, flood_dup, flood_bad_payload;
+static volatile u8 flood_seen[MAX_CPUS][FLOOD_MAX];
+static volatile u32 flood_sent, flood_busy, flood_other, flood_done;
+
+static void flood_handler(struct regs *r)
+{
+    (void)r;
+    struct hv_message *m = &flood_simp[3];
+    if (m->type == HVMSG_TEST_FLOOD) {
+        u32 cpu = m->payload[0] | ((u32)m->payload[1] << 8);
+        u32 seq = m->payload[2] | ((u32)m->payload[3] << 8);
+        if (cpu >= MAX_CPUS || seq >= FLOOD_MAX || m->size != 16)
+            flood_bad_payload++;
+        else if (flood_seen[cpu][seq]++)
+            flood_dup++;
+        flood_got++;
+    }
+    bool pending = m->flags & HV_MSG_FLAG_PENDING;
+    m->type = 0;
+    barrier();
+    if (pending)
+        wrmsr(HV_MSR_EOM, 0);
+    apic_eoi();
+}
+
+static void flood_poster(void *arg)
+{
+    u64 n = (u64)arg;
+    u32 cpu = smp_id();
+    struct hv_post_message_input *in = alloc_pages(1);
+    in->connection_id = FLOOD_CONN;
+    in->message_type = HVMSG_TEST_FLOOD;
+    in->payload_size = 16;
+    for (u64 i = 0; i < n; i++) {
+        in->payload[0] = (u8)cpu;
+        in->payload[1] = (u8)(cpu >> 8);
+        in->payload[2] = (u8)i;
+        in->payload[3] = (u8)(i >> 8);
+        for (;;) {
+            u64 st = hv_post_message(in);
+            if (st == HV_STATUS_SUCCESS) {
+                atomic_inc(&flood_sent);
+                break;
+            }
+            if (st == HV_STATUS_INSUFFICIENT_BUFFERS) {
+                atomic_inc(&flood_busy);
+                pause();
+                continue;
+            }
+            atomic_inc(&flood_other);
+            break;
+        }
+    }
+    atomic_inc(&flood_done);
+}
+
+static void post_flood(u64 per_cpu)
+{
+    if (!hv_enable_hypercalls())
+        fail("cannot enable the hypercall page");
+    if (per_cpu > FLOOD_MAX)
+        per_cpu = FLOOD_MAX;
+    flood_simp = alloc_pages(1);
+    synic_enable(flood_simp, NULL);
+    set_irq_handler(FLOOD_VECTOR, flood_handler);
+    synic_set_sint(3, FLOOD_VECTOR, false);
+    hvt_cmd(HVT_MSG_CONN_CREATE, 0, 3, FLOOD_CONN);
+    u32 n = nr_cpus();
+    for (u32 cpu = 1; cpu < n; cpu++)
+        on_cpu_async(cpu, flood_poster, (void *)per_cpu);
+    u64 end = rdtsc() + 60000000000ul;
+    sti();
+    while ((READ_ONCE(flood_done) < n - 1 || READ_ONCE(flood_got) < READ_ONCE(flood_sent)) && rdtsc() < end)
+        (void)inb(0x80);
+    idle_for(10000000); /* a straggler would show up as a duplicate or an extra message */
+    cli();
+    u32 total = (n - 1) * (u32)per_cpu;
+    u32 missing = 0;
+    for (u32 cpu = 1; cpu < n; cpu++)
+        for (u32 i = 0; i < per_cpu; i++)
+            missing += flood_seen[cpu][i] == 0;
+    report(flood_other == 0, "%u CPUs posted %u messages: every status SUCCESS or INSUFFICIENT_BUFFERS (%u busy "
+           "retries, %u other)", n - 1, total, flood_busy, flood_other);
+    report(flood_sent == total && flood_got == total && missing == 0 && flood_dup == 0 && flood_bad_payload == 0,
+           "every accepted message delivered exactly once (sent %u, delivered %u, missing %u, duplicated %u, bad %u)",
+           flood_sent, flood_got, missing, flood_dup, flood_bad_payload);
+    hvt_cmd(HVT_MSG_CONN_DESTROY, 0, 0, FLOOD_CONN);
+    synic_mask_all();
+}
+
 int main(void)
 {
     smp_init();
     if (arg_is("mode", "hammer"))
         hammer(arg_u64("iters", 4));
+    else if (arg_is("mode", "postflood"))
+        post_flood(arg_u64("posts", 200));
     else if (arg_is("mode", "msrrace"))
         msr_race(arg_u64("rounds", 300));
     else if (nr_cpus() < 2)

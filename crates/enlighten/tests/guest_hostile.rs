@@ -160,3 +160,20 @@ fn partition_msrs_change_while_other_vcpus_use_time_timers_and_hypercalls() {
         ],
     );
 }
+
+#[test]
+fn three_vcpus_flood_one_post_message_connection() {
+    let o = run_guest(
+        "hostile_page",
+        4,
+        Some("mode=postflood posts=200"),
+        PASSTHROUGH,
+    );
+    check(
+        &o,
+        &[
+            "3 CPUs posted 600 messages: every status SUCCESS or INSUFFICIENT_BUFFERS",
+            "every accepted message delivered exactly once (sent 600, delivered 600, missing 0, duplicated 0, bad 0)",
+        ],
+    );
+}
