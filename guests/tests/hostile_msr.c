@@ -518,6 +518,47 @@ static void pveoi_page_changes(void)
     set_irq_handler(PV_VECTOR, NULL);
 }
 
+/* Every overlay page on one guest page: SIMP, SIEFP, the reference TSC page, the VP assist page and the hypercall
+ * page. The guest gets the mess it asked for (each write lands where that feature puts it), and the features keep
+ * working where their bytes do not collide: a timer message in SINT 1's slot, an event flag in SINT 2's slot, the
+ * hypercall code at offset 0 (written last). */
+static void overlays_on_one_page(void)
+{
+    u8 *p = alloc_pages(1);
+    u64 gpa = (u64)p;
+    bool ok = wrmsr_safe(HV_MSR_SIMP, gpa | 1) == 0 && wrmsr_safe(HV_MSR_SIEFP, gpa | 1) == 0 &&
+              wrmsr_safe(HV_MSR_REFERENCE_TSC, gpa | 1) == 0 && wrmsr_safe(HV_MSR_VP_ASSIST_PAGE, gpa | 1) == 0 &&
+              wrmsr_safe(HV_MSR_HYPERCALL, gpa | 1) == 0;
+    u8 *old_page = hv_hypercall_page;
+    hv_hypercall_page = p;
+    u64 st = hv_hypercall(0x7FFF, 0, 0);
+    memset((void *)hits, 0, sizeof(hits));
+    set_irq_handler(0x46, count_irq);
+    set_irq_handler(0x47, count_irq);
+    synic_set_sint(1, 0x46, false);
+    synic_set_sint(2, 0x47, false);
+    oneshot(0, 1, 1);
+    hvt_cmd(HVT_EVT_CONN_CREATE, 0, 2, 9);
+    u64 st2 = hv_signal_event_fast(9, 0);
+    u64 t0 = hv_ref_time();
+    idle_for(ms(5));
+    struct hv_message *msgs = (struct hv_message *)p;
+    u8 flag = p[2 * 256 + 1] & 2; /* event flag 9 of SINT 2 */
+    report(ok && st == HV_STATUS_INVALID_HYPERCALL_CODE && st2 == HV_STATUS_SUCCESS && hits[0x46] == 1 &&
+               hits[0x47] == 1 && msgs[1].type == HVMSG_TIMER_EXPIRED && flag && hv_ref_time() > t0,
+           "SIMP, SIEFP, TSC, assist and hypercall pages on one page: accepted, and a timer message, an event flag "
+           "and a hypercall still work (%d %lx %lx %u %u %x %d)",
+           ok, st, st2, hits[0x46], hits[0x47], msgs[1].type, flag);
+    hvt_cmd(HVT_EVT_CONN_DESTROY, 0, 0, 9);
+    wrmsr(HV_MSR_SIMP, 0);
+    wrmsr(HV_MSR_SIEFP, 0);
+    wrmsr(HV_MSR_REFERENCE_TSC, 0);
+    wrmsr(HV_MSR_VP_ASSIST_PAGE, 0);
+    wrmsr(HV_MSR_HYPERCALL, (u64)old_page | 1);
+    hv_hypercall_page = old_page;
+    synic_mask_all();
+}
+
 static void eom_flood(void)
 {
     struct hv_message *simp = alloc_pages(1);
@@ -576,6 +617,7 @@ int main(void)
     testdev_garbage();
     stimer_storm();
     pveoi_page_changes();
+    overlays_on_one_page();
     report(hv_hypercall(0x7FFF, 0, 0) == HV_STATUS_INVALID_HYPERCALL_CODE, "hypercalls still work at the end");
     return 0;
 }

@@ -107,6 +107,7 @@ fn msr_read_only_reserved_bits_sint_vectors_pages_outside_ram_stimer_edges_eom_f
             "exit-less EOI not cleared, then the page disabled: no EOI",
             "exit-less EOI not cleared, then the page moved: no EOI",
             "... and nothing stays in service afterwards",
+            "SIMP, SIEFP, TSC, assist and hypercall pages on one page: accepted",
             "hypercalls still work at the end",
         ],
     );
