@@ -11,7 +11,9 @@ Usage:
   enlighten [run] [OPTIONS]         boot a guest (the built-in demo guest when no -kernel is given)
   enlighten cpuid -cpu SPEC [--json] print the hypervisor CPUID leaves (0x40000000 and up) for SPEC
   enlighten host [--json]           report this host's KVM: capabilities, Hyper-V support, userspace mode
-  enlighten snapshot -qmp SOCK FILE save a running VM (started with -qmp) to FILE, with progress
+  enlighten snapshot -qmp SOCK [--stream] STATE [MEMORY]
+                                    save a running VM (started with -qmp): state file + memory file
+                                    (or one stream with --stream), with progress; see snapshot --help
   enlighten restore FILE [OPTIONS] run a VM from FILE (same as OPTIONS plus -incoming file:FILE)
   enlighten help | --version
 

@@ -702,6 +702,13 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
 /// maps copy-on-write. `--stream` writes the checksummed migration stream instead (QMP `migrate` to
 /// `file:STATE`). The VM stays paused afterwards.
 pub fn snapshot_main(args: &[String]) -> std::process::ExitCode {
+    if args
+        .iter()
+        .any(|a| matches!(a.as_str(), "-h" | "-help" | "--help"))
+    {
+        println!("{SNAPSHOT_HELP}");
+        return std::process::ExitCode::SUCCESS;
+    }
     match snapshot(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -719,6 +726,18 @@ struct SnapshotArgs {
     state: String,
     memory: Option<String>,
 }
+
+const SNAPSHOT_HELP: &str = "\
+usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]
+
+Saves the running VM behind the QMP socket, with a progress bar on stderr; the VM stays paused afterwards.
+
+  STATE [MEMORY]  a Firecracker-style snapshot (QMP x-snapshot-save): the checksummed state file STATE and
+                  the sparse raw memory file MEMORY (default STATE.mem); restore maps MEMORY copy-on-write,
+                  so keep it in place and unmodified
+  --stream FILE   one checksummed migration stream instead (QMP migrate file:FILE)
+
+Restore either with: enlighten restore STATE|FILE [the VM's options]";
 
 const SNAPSHOT_USAGE: &str =
     "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]";
@@ -827,6 +846,17 @@ fn snapshot(args: &[String]) -> Result<(), String> {
 /// `enlighten restore FILE [run options]`: `run` with `-incoming file:FILE`. FILE is a snapshot's state file
 /// (its memory file is mapped copy-on-write) or a migration stream written by `migrate` to `file:`.
 pub fn restore_main(args: &[String]) -> std::process::ExitCode {
+    if matches!(
+        args.first().map(String::as_str),
+        Some("-h" | "-help" | "--help")
+    ) {
+        println!(
+            "usage: enlighten restore FILE [OPTIONS]\n\nRuns a VM from FILE, a snapshot's state file (its memory \
+             file is mapped copy-on-write) or a migration stream: the same as OPTIONS -incoming file:FILE. \
+             OPTIONS must describe the saved VM (RAM size, vCPUs, -cpu, devices)."
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     let Some((file, rest)) = args.split_first() else {
         eprintln!("error: usage: enlighten restore FILE [run options]");
         return std::process::ExitCode::from(1);

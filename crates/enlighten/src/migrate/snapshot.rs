@@ -58,9 +58,12 @@ impl MigrationControl {
             e.emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
         }
         let paused = self.vm.pause_all();
+        // The state file is written under a temporary name and renamed: a path that is the memory file of a
+        // VM restored from it (maybe this one) must never be truncated while it is mapped.
+        let tmp = format!("{state}.tmp-{}", std::process::id());
         let r = (|| -> Result<vmm::migration::vm::Stats, String> {
-            let f = std::fs::File::create(state)
-                .map_err(|e| format!("cannot create '{state}': {e}"))?;
+            let f =
+                std::fs::File::create(&tmp).map_err(|e| format!("cannot create '{tmp}': {e}"))?;
             let mut progress = |done: u64, total: u64| {
                 let mut i = lock(&self.info);
                 i.transferred = done;
@@ -76,9 +79,14 @@ impl MigrationControl {
             )
             .map_err(|e| e.to_string())?;
             w.into_inner()
-                .map_err(|e| format!("writing '{state}': {}", e.error()))?;
+                .map_err(|e| format!("writing '{tmp}': {}", e.error()))?;
+            std::fs::rename(&tmp, state)
+                .map_err(|e| format!("cannot rename '{tmp}' to '{state}': {e}"))?;
             Ok(stats)
         })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
         let mut i = lock(&self.info);
         i.total_ms = t0.elapsed().as_millis() as u64;
         i.downtime_ms = i.total_ms;
