@@ -182,11 +182,21 @@ static void sint_vectors(void)
     report(ok, "SINT0..15 with vectors 0..15: #GP unmasked (value kept), stored masked; vector 16 accepted");
 }
 
-/* Message-mode one-shot stimer 0 on SINT 2 (vector 0x40) `delay_ms` from now. */
-static void oneshot(unsigned timer, unsigned sint, u64 delay_ms)
+/* Message-mode one-shot stimer `timer` on SINT `sint` whose deadline (absolute reference time 1) is already past:
+ * it expires during the COUNT write itself (KVM: "a one-shot timer with a count in the past expires at once"),
+ * so the outcome does not depend on how busy the host is. */
+static void expire_now(unsigned timer, unsigned sint)
 {
     stimer_config(timer, HV_STIMER_SINT(sint) | HV_STIMER_AUTO_ENABLE);
-    stimer_count(timer, hv_ref_time() + delay_ms * 10000);
+    stimer_count(timer, 1);
+}
+
+/* Waits (interrupts on) until hits[v] reaches `want`, at most 2 s; then a short grace period for extras. */
+static bool wait_hits(u8 v, u32 want)
+{
+    bool ok = wait_count(&hits[v], want, ms(2000));
+    idle_for(ms(2));
+    return ok;
 }
 
 static bool stimer_enabled(unsigned timer) { return rd(HV_MSR_STIMER0_CONFIG + 2 * timer) & HV_STIMER_ENABLE; }
@@ -225,8 +235,8 @@ static void pages_outside_ram(u8 *hc_page)
         memset((void *)hits, 0, sizeof(hits));
         synic_set_sint(2, 0x40, false);
         ok = wr_ok(HV_MSR_SIMP, gpa | 1, gpa | 1);
-        oneshot(0, 2, 1);
-        idle_for(ms(10));
+        expire_now(0, 2);
+        idle_for(ms(2));
         for (int k = 0; k < 10; k++)
             wrmsr(HV_MSR_EOM, 0);
         idle_for(ms(2));
@@ -236,7 +246,7 @@ static void pages_outside_ram(u8 *hc_page)
         struct hv_message *simp = alloc_pages(1);
         wrmsr(HV_MSR_SIMP, (u64)simp | 1);
         wrmsr(HV_MSR_EOM, 0);
-        idle_for(ms(5));
+        wait_hits(0x40, 1);
         report(hits[0x40] == 1 && simp[2].type == HVMSG_TIMER_EXPIRED && !stimer_enabled(0),
                "... moved into RAM, EOM delivers it: %u interrupt, type %x", hits[0x40], simp[2].type);
         simp[2].type = 0;
@@ -289,8 +299,8 @@ static void stimer_edges(void)
     for (unsigned i = 0; i < ARRAY_SIZE(low); i++) {
         memset((void *)hits, 0, sizeof(hits));
         int f = wrmsr_safe(HV_MSR_STIMER0_CONFIG, HV_STIMER_DIRECT | HV_STIMER_VECTOR(low[i]) | HV_STIMER_AUTO_ENABLE);
-        stimer_count(0, hv_ref_time() + 10000);
-        idle_for(ms(5));
+        stimer_count(0, 1); /* in the past: expires during this write */
+        idle_for(ms(2));
         u32 n = 0;
         for (unsigned v = 0; v < 32; v++)
             n += hits[v];
@@ -316,6 +326,7 @@ static void stimer_edges(void)
     memset((void *)hits, 0, sizeof(hits));
     stimer_config(1, HV_STIMER_DIRECT | HV_STIMER_VECTOR(0x42) | HV_STIMER_PERIODIC | HV_STIMER_AUTO_ENABLE);
     stimer_count(1, 1);
+    wait_count(&hits[0x42], 1, ms(2000));
     idle_for(ms(5));
     wrmsr(HV_MSR_STIMER0_CONFIG + 2, 0);
     u32 storm = hits[0x42];
@@ -399,7 +410,7 @@ static void testdev_garbage(void)
     hvt_cmd(HVT_SINT_ROUTE_CREATE, 0, 4, 0);
     hvt_cmd(HVT_SINT_ROUTE_CREATE, 0, 4, 0);
     hvt_cmd(HVT_SINT_ROUTE_SET_SINT, 0, 4, 0);
-    idle_for(ms(2));
+    wait_hits(0x44, 1);
     u32 fired = hits[0x44];
     hvt_cmd(HVT_SINT_ROUTE_DESTROY, 0, 4, 0);
     hvt_cmd(HVT_SINT_ROUTE_DESTROY, 0, 4, 0);
@@ -417,7 +428,7 @@ static void testdev_garbage(void)
     in->message_type = HVMSG_TEST;
     in->payload_size = 16;
     u64 st = hv_post_message(in);
-    idle_for(ms(2));
+    wait_hits(0x45, 1);
     report(st == HV_STATUS_SUCCESS && hits[0x45] == 1 && simp[5].type == HVMSG_TEST && simp[6].type == 0,
            "a duplicate MSG_CONN_CREATE keeps the first target (status %lx, slot 5 %x, slot 6 %x)", st,
            simp[5].type, simp[6].type);
@@ -438,6 +449,7 @@ static void stimer_storm(void)
         stimer_config(n, HV_STIMER_DIRECT | HV_STIMER_VECTOR(0x42) | HV_STIMER_PERIODIC | HV_STIMER_AUTO_ENABLE);
         stimer_count(n, 1);
     }
+    wait_count(&hits[0x42], 1, ms(2000));
     idle_for(ms(20));
     for (unsigned n = 0; n < 4; n++)
         stimer_config(n, 0);
@@ -499,7 +511,11 @@ static void pveoi_page_changes(void)
         pv_clear = cases[i].clear;
         pv_taken = pv_plain = 0;
         apic_send_ipi(apic_id(), PV_VECTOR);
-        idle_for(ms(2));
+        u64 end = rdtsc() + ms(2000);
+        sti();
+        while (pv_taken + pv_plain == 0 && rdtsc() < end)
+            (void)inb(0x80);
+        cli();
         bool in_service = apic_vector_set(APIC_ISR, PV_VECTOR);
         if (pv_plain) {
             report_skip("%s: the exit-less EOI was not offered", cases[i].name);
@@ -537,11 +553,12 @@ static void overlays_on_one_page(void)
     set_irq_handler(0x47, count_irq);
     synic_set_sint(1, 0x46, false);
     synic_set_sint(2, 0x47, false);
-    oneshot(0, 1, 1);
+    expire_now(0, 1);
     hvt_cmd(HVT_EVT_CONN_CREATE, 0, 2, 9);
     u64 st2 = hv_signal_event_fast(9, 0);
     u64 t0 = hv_ref_time();
-    idle_for(ms(5));
+    wait_hits(0x46, 1);
+    wait_hits(0x47, 1);
     struct hv_message *msgs = (struct hv_message *)p;
     u8 flag = p[2 * 256 + 1] & 2; /* event flag 9 of SINT 2 */
     report(ok && st == HV_STATUS_INVALID_HYPERCALL_CODE && st2 == HV_STATUS_SUCCESS && hits[0x46] == 1 &&
@@ -573,8 +590,8 @@ static void eom_flood(void)
 
     /* A timer message that finds its slot busy: msg_pending is set and EOMs retry while the slot stays busy. */
     simp[3].type = HVMSG_TEST;
-    oneshot(1, 3, 1);
-    idle_for(ms(10));
+    expire_now(1, 3);
+    idle_for(ms(2));
     bool pending = (simp[3].flags & HV_MSG_FLAG_PENDING) != 0;
     for (int i = 0; i < 3000; i++)
         wrmsr(HV_MSR_EOM, 0);
@@ -583,7 +600,7 @@ static void eom_flood(void)
            "3000 EOMs while a timer message waits for a busy slot: msg_pending set, nothing delivered, timer pending");
     simp[3].type = 0;
     wrmsr(HV_MSR_EOM, 0);
-    idle_for(ms(5));
+    wait_hits(0x43, 1);
     report(hits[0x43] == 1 && simp[3].type == HVMSG_TIMER_EXPIRED && !stimer_enabled(1),
            "freeing the slot and one EOM delivers it exactly once (%u)", hits[0x43]);
     simp[3].type = 0;
