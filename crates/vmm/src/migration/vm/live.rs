@@ -24,6 +24,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{vm_err, write_machine_state, MigrationError};
 use crate::hv::HvGlue;
+use crate::layout::MemoryLayout;
 use crate::machine::{Paused, VmHandle, VmShared};
 use crate::migration::format::{ConfigSection, PageBatch, SectionKind, StreamWriter, PAGE_SIZE};
 
@@ -128,9 +129,8 @@ struct DirtySet {
 }
 
 impl DirtySet {
-    fn new(shared: &VmShared) -> DirtySet {
-        let pages: Vec<u64> = shared
-            .layout
+    fn new(layout: &MemoryLayout) -> DirtySet {
+        let pages: Vec<u64> = layout
             .regions
             .iter()
             .map(|r| r.size / PAGE_SIZE as u64)
@@ -163,11 +163,11 @@ impl DirtySet {
     }
 
     /// Adds page frame `pfn` if it is RAM.
-    fn add_pfn(&mut self, shared: &VmShared, pfn: u64) {
+    fn add_pfn(&mut self, layout: &MemoryLayout, pfn: u64) {
         let Some(gpa) = pfn.checked_mul(PAGE_SIZE as u64) else {
             return;
         };
-        for (i, r) in shared.layout.regions.iter().enumerate() {
+        for (i, r) in layout.regions.iter().enumerate() {
             if gpa >= r.start && gpa - r.start < r.size {
                 let page = (gpa - r.start) / PAGE_SIZE as u64;
                 if let Some(w) = self.maps[i].get_mut((page / 64) as usize) {
@@ -187,9 +187,9 @@ impl DirtySet {
     }
 
     /// The dirty pages' addresses, and an empty set.
-    fn drain(&mut self, shared: &VmShared) -> Vec<u64> {
+    fn drain(&mut self, layout: &MemoryLayout) -> Vec<u64> {
         let mut out = Vec::new();
-        for (m, r) in self.maps.iter_mut().zip(&shared.layout.regions) {
+        for (m, r) in self.maps.iter_mut().zip(&layout.regions) {
             for (wi, w) in m.iter_mut().enumerate() {
                 let mut bits = std::mem::take(w);
                 while bits != 0 {
@@ -280,7 +280,7 @@ fn sync(
     }
     if let Some(hv) = hv {
         for pfn in hv.take_dirty_pages() {
-            dirty.add_pfn(shared, pfn);
+            dirty.add_pfn(&shared.layout, pfn);
         }
     }
     let now = shared.ram_epoch();
@@ -312,8 +312,8 @@ fn send_pages<W: Write>(
         read_page(shared, gpa, &mut page)?;
         batch.add(w, gpa, &page)?;
         left = left.saturating_sub(1);
-        if w.written() != last {
-            // A section went out.
+        // After each section, and every 8192 pages of a long run of zero pages (progress, cancel).
+        if w.written() != last || left.is_multiple_of(8192) {
             let n = w.written() - last;
             last = w.written();
             ctl.update(|s| {
@@ -407,10 +407,10 @@ pub fn save_live<W: Write>(
     // Setup: dirty logging on, the VMM's dirty set emptied; pass 1 sends everything.
     shared.set_dirty_logging(true).map_err(vm_err)?;
     let _logging = LoggingGuard(shared);
-    let mut dirty = DirtySet::new(shared);
+    let mut dirty = DirtySet::new(&shared.layout);
     let mut epoch = shared.ram_epoch();
     sync(shared, hv, &mut dirty, &mut epoch)?;
-    let _ = dirty.drain(shared);
+    let _ = dirty.drain(&shared.layout);
     let mut w = StreamWriter::new(out)?;
     w.json(SectionKind::Config, config)?;
     let mut syncs = 1u64;
@@ -485,7 +485,7 @@ pub fn save_live<W: Write>(
         pass_start = Instant::now();
         pass_bytes0 = w.written();
         pages0 = ctl.stats().pages;
-        let gpas = dirty.drain(shared);
+        let gpas = dirty.drain(&shared.layout);
         pass_pages = gpas.len() as u64;
         send_pages(
             shared,
@@ -511,7 +511,7 @@ pub fn save_live<W: Write>(
         s.remaining = dirty.count() * PAGE_SIZE as u64;
     });
     events.pass(syncs);
-    let gpas = dirty.drain(shared);
+    let gpas = dirty.drain(&shared.layout);
     let count = gpas.len() as u64;
     send_pages(shared, &mut w, gpas.into_iter(), false, ctl, None, count)?;
     write_machine_state(&paused, hv, &mut w)?;
@@ -552,6 +552,41 @@ mod tests {
             assert!(t.account(1 << 20, &ctl).is_ok());
         }
         assert!(start.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn dirty_sets_follow_the_ram_regions() {
+        // 3.5 GiB of RAM: a low region up to the hole (3 GiB) and 512 MiB from 4 GiB.
+        let layout = MemoryLayout::new(0xE000_0000);
+        assert_eq!(layout.regions.len(), 2, "{:?}", layout.regions);
+        let high = layout.regions[1].start;
+        let mut d = DirtySet::new(&layout);
+        assert_eq!(d.count(), 0);
+        // KVM's bitmap for the low slot, the VMM's page frames in both, one outside RAM (in the hole).
+        d.merge_kvm(0, &[0b101, 1 << 63]);
+        d.add_pfn(&layout, high / PAGE_SIZE as u64 + 1);
+        d.add_pfn(&layout, 0xC000_0000 / PAGE_SIZE as u64);
+        d.add_pfn(&layout, u64::MAX);
+        d.merge_kvm(7, &[u64::MAX]);
+        assert_eq!(d.count(), 4);
+        assert_eq!(
+            d.drain(&layout),
+            vec![
+                0,
+                2 * PAGE_SIZE as u64,
+                127 * PAGE_SIZE as u64,
+                high + PAGE_SIZE as u64
+            ]
+        );
+        assert_eq!(d.count(), 0);
+        // Everything: every page of every region, no bit past a region's end.
+        d.fill();
+        let pages = layout.ram_size / PAGE_SIZE as u64;
+        assert_eq!(d.count(), pages);
+        let all = d.drain(&layout);
+        assert_eq!(all.len() as u64, pages);
+        assert_eq!(all.last(), Some(&(high + (512 << 20) - PAGE_SIZE as u64)));
+        assert!(all.iter().all(|&g| layout.contains(g, PAGE_SIZE as u64)));
     }
 
     #[test]
