@@ -561,6 +561,8 @@ fn incoming_defer_then_migrate_incoming() {
     }
     let dst = std::thread::spawn(move || run_raw(&dst_args));
     let mut dq = Qmp::connect(&dqmp);
+    let st = dq.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "inmigrate", "{st}");
     let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
     assert!(r.get("return").is_some(), "{r}");
     let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
@@ -576,6 +578,21 @@ fn incoming_defer_then_migrate_incoming() {
     std::thread::sleep(Duration::from_millis(500));
     let q = src.qmp.migrate(&format!("unix:{}", sock.display()));
     assert_eq!(q["status"], "completed", "{q}");
+    // The destination runs once loaded (no -S: QEMU's autostart), with a RESUME event.
+    let start = Instant::now();
+    let st = loop {
+        let st = dq.cmd("query-status", json!({}));
+        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["return"]["status"], "running", "{st}");
+    assert!(
+        dq.events.iter().any(|(n, _)| n == "RESUME"),
+        "{:?}",
+        dq.events
+    );
     let (_, out, _) = src.finish(true);
     assert!(
         !out.contains("SUMMARY:"),
