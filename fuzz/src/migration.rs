@@ -8,7 +8,9 @@
 //! 3. Vcpu sections in index order (`vm::VcpuSection`: KVM registers, XSAVE, MSRs, the userspace APIC), at most
 //!    one Engine section (`vm::EngineSection`), Device sections (`devices::DeviceState`), a second Config
 //!    refused, then the vCPU count and the engine/no-engine match and QEMU's re-enlightenment rule;
-//! 4. Memory sections (`Section::pages`), each page checked against the destination's RAM layout
+//! 4. Memory and ZeroPages sections (`Section::pages`, `Section::zero_pages`), before the state (a live
+//!    migration's pre-copy passes, format 2) or after it (a one-pass stream), each page checked against the
+//!    destination's RAM layout
 //!    (`MemoryLayout::contains`, as restore does) and written into a model guest RAM (`vm_memory`'s
 //!    `GuestMemoryMmap`, as the VMM does) of the destination's layout, then End;
 //! 5. the decoded state applied to the pure parts of the destination: each vCPU's `LocalApic::restore` (then its
@@ -68,9 +70,6 @@ pub const RAM_SIZES: [u64; 6] = [
 /// The CPUID digest and Hyper-V feature words of the destination (any fixed values: only equality matters).
 const DIGEST: u32 = 0x5EED_C0DE;
 const HV_FEATURES: [u32; 4] = [0x0000_2FFF, 0x0000_0000, 0x0000_0008, 0x0000_0020];
-
-/// The wire code of a snapshot's MemoryFile section.
-const MEMORY_FILE_CODE: u32 = 6;
 
 /// Counters of how deep inputs get (for the harness test and for tuning).
 pub mod stats {
@@ -354,11 +353,25 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
         )
     );
     stats::bump(&stats::CONFIG_MATCHED);
+    // A live migration's pre-copy passes: guest RAM comes before the vCPU and engine state.
+    let mut pages = 0u64;
+    let mut next = r.expect_section()?;
+    check_section_bounds(&next);
+    let precopied = matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages);
+    while matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages) {
+        pages += load_pages(&dest.layout, &next)?;
+        next = r.expect_section()?;
+        check_section_bounds(&next);
+    }
+    let mut next = Some(next);
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
     let mut devices: Vec<DeviceState> = Vec::new();
     let mut pending = loop {
-        let s = r.expect_section()?;
+        let s = match next.take() {
+            Some(s) => s,
+            None => r.expect_section()?,
+        };
         check_section_bounds(&s);
         match s.kind {
             SectionKind::Vcpu => {
@@ -384,9 +397,10 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()))
             }
-            // Memory, End, and a snapshot's MemoryFile section (kind 6, not named here so that this builds
-            // with and without it).
-            _ => break s,
+            SectionKind::Memory
+            | SectionKind::ZeroPages
+            | SectionKind::MemoryFile
+            | SectionKind::End => break s,
         }
     };
     if vcpus.len() != n {
@@ -419,8 +433,12 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
             ))
         }
     }
-    let mut pages = 0u64;
-    if pending.kind.code() == MEMORY_FILE_CODE {
+    if pending.kind == SectionKind::MemoryFile {
+        if precopied {
+            return Err(StreamError::Corrupt(
+                "a memory file section after guest pages".to_string(),
+            ));
+        }
         // Mapping a memory file needs the file; the walk ends here.
         return Ok(Loaded {
             vcpus,
@@ -429,32 +447,8 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
             pages,
         });
     }
-    while pending.kind == SectionKind::Memory {
-        let list = pending.pages()?;
-        assert_eq!(list.len() * PAGE_RECORD, pending.payload.len());
-        for (gpa, page) in list {
-            assert_eq!(
-                gpa % PAGE_SIZE as u64,
-                0,
-                "unaligned page {gpa:#x} accepted"
-            );
-            assert_eq!(page.len(), PAGE_SIZE);
-            if !dest.layout.contains(gpa, PAGE_SIZE as u64) {
-                stats::bump(&stats::PAGES_REFUSED);
-                return Err(StreamError::Corrupt(format!(
-                    "page at {gpa:#x} is outside this VM's RAM"
-                )));
-            }
-            // The write restore makes; inside the layout it must succeed, and the model's bounds checks would
-            // refuse anything outside its mappings.
-            let wrote = with_ram(&dest.layout, |mem| mem.write_slice(page, GuestAddress(gpa)));
-            assert!(
-                wrote.is_ok(),
-                "in-RAM page {gpa:#x} not writable: {wrote:?}"
-            );
-            stats::bump(&stats::PAGES_WRITTEN);
-            pages += 1;
-        }
+    while matches!(pending.kind, SectionKind::Memory | SectionKind::ZeroPages) {
+        pages += load_pages(&dest.layout, &pending)?;
         pending = r.expect_section()?;
         check_section_bounds(&pending);
     }
@@ -473,6 +467,46 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
         engine,
         pages,
     })
+}
+
+/// A Memory or ZeroPages section into the model RAM, each page checked as restore's `load_pages` does
+/// (`MemoryLayout::contains`). Returns the pages written.
+fn load_pages(layout: &MemoryLayout, section: &Section) -> Result<u64, StreamError> {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    let list: Vec<(u64, &[u8])> = if section.kind == SectionKind::ZeroPages {
+        let gpas = section.zero_pages()?;
+        assert_eq!(gpas.len() * 8, section.payload.len());
+        gpas.into_iter().map(|g| (g, &ZERO[..])).collect()
+    } else {
+        let list = section.pages()?;
+        assert_eq!(list.len() * PAGE_RECORD, section.payload.len());
+        list
+    };
+    let mut n = 0;
+    for (gpa, page) in list {
+        assert_eq!(
+            gpa % PAGE_SIZE as u64,
+            0,
+            "unaligned page {gpa:#x} accepted"
+        );
+        assert_eq!(page.len(), PAGE_SIZE);
+        if !layout.contains(gpa, PAGE_SIZE as u64) {
+            stats::bump(&stats::PAGES_REFUSED);
+            return Err(StreamError::Corrupt(format!(
+                "page at {gpa:#x} is outside this VM's RAM"
+            )));
+        }
+        // The write restore makes; inside the layout it must succeed, and the model's bounds checks would
+        // refuse anything outside its mappings.
+        let wrote = with_ram(layout, |mem| mem.write_slice(page, GuestAddress(gpa)));
+        assert!(
+            wrote.is_ok(),
+            "in-RAM page {gpa:#x} not writable: {wrote:?}"
+        );
+        stats::bump(&stats::PAGES_WRITTEN);
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// A section the reader returned is within its kind's limit.
@@ -639,11 +673,12 @@ fn restore_devices(dest: &Dest, states: &[DeviceState]) {
 /// `fuzz/corpus/migration_stream/` by the ignored test `write_migration_seeds`.
 pub fn seed_streams() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for (name, ram, cfg, tsc) in [
-        ("seed-1cpu-nohv", 0u8, 0x20u8, 0u8),
-        ("seed-2cpu-hv", 1, 0x20 | 4 | 1, 0),
-        ("seed-2cpu-hv-tscfreq-split", 3, 0x20 | 8 | 4 | 1, 1),
-        ("seed-1cpu-hv-high", 5, 0x20 | 4, 2),
+    for (name, ram, cfg, tsc, live) in [
+        ("seed-1cpu-nohv", 0u8, 0x20u8, 0u8, false),
+        ("seed-2cpu-hv", 1, 0x20 | 4 | 1, 0, false),
+        ("seed-2cpu-hv-tscfreq-split", 3, 0x20 | 8 | 4 | 1, 1, false),
+        ("seed-1cpu-hv-high", 5, 0x20 | 4, 2, false),
+        ("seed-1cpu-hv-live", 1, 0x20 | 4, 0, true),
     ] {
         let dest = Dest::decode(ram, cfg, tsc);
         let mut sections = Vec::new();
@@ -721,7 +756,8 @@ pub fn seed_streams() -> Vec<(String, Vec<u8>)> {
                 payload: json(&e),
             });
         }
-        // Two pages in a compact Memory section: the first and the last page of RAM.
+        // Two pages in a compact Memory section: the first and the last page of RAM. A live migration's
+        // stream (format 2) sends RAM first, with a ZeroPages section for a page that became zero.
         let last = dest
             .layout
             .regions
@@ -732,11 +768,22 @@ pub fn seed_streams() -> Vec<(String, Vec<u8>)> {
             compact.extend_from_slice(&gpa.to_le_bytes());
             compact.push(fill);
         }
-        sections.push(RawSection {
+        let mut ram_sections = vec![RawSection {
             code: 5,
             flags: FLAG_COMPACT_PAGES,
             payload: compact,
-        });
+        }];
+        if live {
+            ram_sections.push(RawSection {
+                code: 7,
+                flags: 0,
+                payload: 0x1000u64.to_le_bytes().to_vec(),
+            });
+            ram_sections.append(&mut sections);
+            sections = ram_sections;
+        } else {
+            sections.append(&mut ram_sections);
+        }
         sections.push(RawSection {
             code: 0xFF,
             flags: 0,
@@ -810,12 +857,14 @@ mod tests {
         for (name, data) in seed_streams() {
             let dest = Dest::decode(data[1], data[2], data[3]);
             let got = outcome(&data);
+            // The live seed also zeroes one page.
+            let pages = if name.ends_with("-live") { 3 } else { 2 };
             assert_eq!(
                 got,
                 Outcome::Accepted {
                     vcpus: dest.config.vcpus as usize,
                     engine: dest.config.hyperv,
-                    pages: 2
+                    pages
                 },
                 "{name}"
             );
@@ -870,43 +919,53 @@ mod tests {
     /// is refused and nothing is written.
     #[test]
     fn pages_outside_ram_are_refused() {
-        for gpa in [
+        let gpas = [
             64u64 << 10,
             (64 << 10) - 0x800,
             u64::MAX - 0xFFF,
             0xFEE0_0000,
             1 << 52,
-        ] {
-            let mut compact = gpa.to_le_bytes().to_vec();
-            compact.push(0x5A);
-            let data = encode_structured(
-                0,
-                0x20,
-                0,
-                &[
-                    RawSection {
-                        code: 2,
-                        flags: 0,
-                        payload: seed_vcpu0(),
-                    },
-                    RawSection {
-                        code: 5,
-                        flags: FLAG_COMPACT_PAGES,
-                        payload: compact,
-                    },
-                    RawSection {
-                        code: 0xFF,
-                        flags: 0,
-                        payload: Vec::new(),
-                    },
-                ],
-            );
+        ];
+        for (gpa, zero_pages) in gpas.iter().flat_map(|&g| [(g, false), (g, true)]) {
+            // A Memory section (one page record) or a ZeroPages section (one address), after the vCPU state
+            // (one-pass order) for Memory and before it (live order) for ZeroPages.
+            let vcpu = RawSection {
+                code: 2,
+                flags: 0,
+                payload: seed_vcpu0(),
+            };
+            let ram = if zero_pages {
+                RawSection {
+                    code: 7,
+                    flags: 0,
+                    payload: gpa.to_le_bytes().to_vec(),
+                }
+            } else {
+                let mut compact = gpa.to_le_bytes().to_vec();
+                compact.push(0x5A);
+                RawSection {
+                    code: 5,
+                    flags: FLAG_COMPACT_PAGES,
+                    payload: compact,
+                }
+            };
+            let end = RawSection {
+                code: 0xFF,
+                flags: 0,
+                payload: Vec::new(),
+            };
+            let sections = if zero_pages {
+                [ram, vcpu, end]
+            } else {
+                [vcpu, ram, end]
+            };
+            let data = encode_structured(0, 0x20, 0, &sections);
             match outcome(&data) {
                 Outcome::Refused(msg) => assert!(
                     msg.contains("outside this VM's RAM") || msg.contains("not page-aligned"),
-                    "{gpa:#x}: {msg}"
+                    "{gpa:#x} (zero pages: {zero_pages}): {msg}"
                 ),
-                got => panic!("{gpa:#x}: accepted: {got:?}"),
+                got => panic!("{gpa:#x} (zero pages: {zero_pages}): accepted: {got:?}"),
             }
         }
     }
