@@ -193,6 +193,11 @@ impl mvm::LiveEvents for PassEvents<'_> {
     }
 }
 
+/// Whether a completed outgoing migration (or snapshot) holds the source's vCPUs (QEMU's `postmigrate`).
+pub fn source_held() -> bool {
+    CONTROL.get().is_some_and(|c| lock(&c.held).is_some())
+}
+
 /// Releases the vCPUs a completed outgoing migration held (QMP `cont` from `postmigrate`).
 pub fn release_source() -> Option<Paused> {
     CONTROL.get().and_then(|c| lock(&c.held).take())

@@ -103,7 +103,13 @@ impl VmControl {
 
     /// The current run state (`query-status`).
     pub fn run_state(&self) -> RunState {
-        lock(&self.state).run
+        let run = lock(&self.state).run;
+        // A save that holds the source without the migration hooks (`x-snapshot-save`) is postmigrate too.
+        if run == RunState::Running && crate::migrate::source_held() {
+            RunState::Postmigrate
+        } else {
+            run
+        }
     }
 
     fn send(&self, event: Event) {
@@ -177,6 +183,9 @@ impl VmControl {
         let mut st = lock(&self.state);
         if st.run.needs_reset() {
             return Err(QmpError::reset_required());
+        }
+        if st.run.is_running() && crate::migrate::source_held() {
+            st.run = RunState::Postmigrate;
         }
         if st.run.is_running() {
             // QEMU's vm_prepare_start() reports a STOP/RESUME pair for a VM that already runs.
