@@ -17,6 +17,10 @@
  * PostMessage connection that targets CPU 0; statuses SUCCESS or INSUFFICIENT_BUFFERS only, and every accepted
  * message delivered exactly once.
  *
+ * endrace (mode=endrace end=reset|triple|crash, -smp 2+, --no-reboot): CPU 0 ends the VM while the others are busy
+ * with hypercalls, MSRs and timer interrupts; the VMM must stop cleanly. end=reboot (without --no-reboot): the
+ * RESET reboots the VM, and the second boot checks that every CPU came back with its Hyper-V state reset.
+ *
  * hammer (mode=hammer iters=N, any -smp up to 1024): every CPU makes N rounds of three hypercalls through the
  * same page at once (NotifyLongSpinWait, an unknown code, a fast SendSyntheticClusterIpi to nobody); each must
  * return its exact status.
@@ -376,12 +380,125 @@ static void post_flood(u64 per_cpu)
     synic_mask_all();
 }
 
+/* ---- endrace: CPU 0 ends the VM (end=reset: RESET = 1; end=triple: a triple fault; end=crash: CRASH_CTL notify)
+ * while every other CPU is in the middle of hypercalls, stimer reprogramming, EOMs and 100 us periodic timer
+ * interrupts. Under --no-reboot the VMM must stop cleanly (status 0, no error, no hang). */
+#define END_VECTOR 0x52
+static volatile u32 end_calls[MAX_CPUS];
+static void end_irq(struct regs *r)
+{
+    (void)r;
+    apic_eoi();
+}
+
+static void end_worker(void *arg)
+{
+    (void)arg;
+    u32 id = smp_id();
+    wrmsr(HV_MSR_SCONTROL, 1);
+    /* A 100 us periodic direct timer: interrupts keep arriving during the end. */
+    wrmsr(HV_MSR_STIMER0_CONFIG, HV_STIMER_DIRECT | HV_STIMER_VECTOR(END_VECTOR) | HV_STIMER_PERIODIC |
+                                     HV_STIMER_AUTO_ENABLE);
+    wrmsr(HV_MSR_STIMER0_COUNT, 1000);
+    sti();
+    for (;;) {
+        hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT, 0, 0);
+        hv_hypercall(UNKNOWN_CODE, 0, 0);
+        wrmsr(HV_MSR_STIMER0_CONFIG + 2, (2ul << 16) | (1ul << 3));
+        wrmsr(HV_MSR_STIMER0_COUNT + 2, rdmsr(HV_MSR_TIME_REF_COUNT) + 100);
+        wrmsr(HV_MSR_EOM, 0);
+        end_calls[id]++;
+    }
+}
+
+/* 3 s of reference time (a first boot takes well under that). */
+#define REBOOT_MARK 30000000ul
+static volatile u64 after_reset[MAX_CPUS][4];
+
+static void read_after_reset(void *arg)
+{
+    (void)arg;
+    u32 id = smp_id();
+    after_reset[id][0] = rdmsr(HV_MSR_STIMER0_CONFIG) | rdmsr(HV_MSR_STIMER0_CONFIG + 2);
+    after_reset[id][1] = rdmsr(HV_MSR_SCONTROL);
+    after_reset[id][2] = rdmsr(HV_MSR_SINT0 + 2);
+    after_reset[id][3] = 1;
+}
+
+/* The boot after a RESET made while every CPU was busy: all CPUs back, per-VP Hyper-V state as after a reset
+ * (timers off, SCONTROL 0, SINTs masked), partition state cleared, hypercalls can be enabled again. */
+static void second_boot(void)
+{
+    u32 n = nr_cpus();
+    printf("endrace: second boot, %u CPUs\n", n);
+    u64 osid = rdmsr(HV_MSR_GUEST_OS_ID), hc = rdmsr(HV_MSR_HYPERCALL);
+    bool clean = true;
+    for (u32 cpu = 0; cpu < n; cpu++) {
+        on_cpu(cpu, read_after_reset, NULL);
+        clean &= after_reset[cpu][3] == 1 && after_reset[cpu][0] == 0 && after_reset[cpu][1] == 0 &&
+                 after_reset[cpu][2] == HV_SINT_MASKED;
+    }
+    report(fw_cfg_nb_cpus() == n, "every CPU came back after the reset (%u)", n);
+    report(clean && osid == 0 && hc == 0, "Hyper-V state reads as after a reset on every CPU");
+    report(hv_enable_hypercalls() && hv_hypercall(UNKNOWN_CODE, 0, 0) == HV_STATUS_INVALID_HYPERCALL_CODE,
+           "hypercalls can be enabled again");
+}
+
+static void end_race(const char *how)
+{
+    if (!strcmp(how, "reboot") && rdmsr(HV_MSR_TIME_REF_COUNT) >= REBOOT_MARK) {
+        second_boot();
+        return;
+    }
+    if (!hv_enable_hypercalls())
+        fail("cannot enable the hypercall page");
+    set_irq_handler(END_VECTOR, end_irq);
+    u32 n = nr_cpus();
+    for (u32 cpu = 1; cpu < n; cpu++)
+        on_cpu_async(cpu, end_worker, NULL);
+    u64 end = rdtsc() + 60000000000ul;
+    for (u32 cpu = 1; cpu < n; cpu++)
+        while (end_calls[cpu] < 50 && rdtsc() < end)
+            pause();
+    if (!strcmp(how, "reboot")) {
+        /* Reference time survives the reset: the boot that finds it past REBOOT_MARK is the second one. */
+        while (rdmsr(HV_MSR_TIME_REF_COUNT) < REBOOT_MARK && rdtsc() < end)
+            pause();
+    }
+    printf("endrace: every CPU is busy; ending the VM with %s\n", how);
+    if (!strcmp(how, "reset") || !strcmp(how, "reboot")) {
+        wrmsr(HV_MSR_RESET, 1);
+    } else if (!strcmp(how, "crash")) {
+        wrmsr(HV_MSR_CRASH_P0, 0xBAD);
+        wrmsr(HV_MSR_CRASH_CTL, HV_CRASH_CTL_NOTIFY);
+    } else {
+        struct {
+            u16 limit;
+            u64 base;
+        } __attribute__((packed)) empty = {0, 0};
+        asm volatile("lidt %0" ::"m"(empty));
+        asm volatile("ud2");
+    }
+    /* The VM must end within the timeout; if the guest gets here, the end did not happen at once. */
+    u64 grace = rdtsc() + 20000000000ul;
+    while (rdtsc() < grace)
+        pause();
+    fail("the VM did not end after %s", how);
+}
+
 int main(void)
 {
     smp_init();
     if (arg_is("mode", "hammer"))
         hammer(arg_u64("iters", 4));
-    else if (arg_is("mode", "postflood"))
+    else if (arg_is("mode", "endrace")) {
+        const char *how = arg_str("end");
+        end_race(!how                         ? "triple"
+                 : !strncmp(how, "reset", 5)  ? "reset"
+                 : !strncmp(how, "reboot", 6) ? "reboot"
+                 : !strncmp(how, "crash", 5)  ? "crash"
+                                              : "triple");
+    } else if (arg_is("mode", "postflood"))
         post_flood(arg_u64("posts", 200));
     else if (arg_is("mode", "msrrace"))
         msr_race(arg_u64("rounds", 300));

@@ -178,3 +178,75 @@ fn three_vcpus_flood_one_post_message_connection() {
         ],
     );
 }
+
+/// Runs `hostile_page mode=endrace end=<end>` and checks that the VMM stopped cleanly: status 0 through
+/// `--no-reboot`, the guest reached the end, and stderr holds only `warning:` lines (the triple-fault report,
+/// QEMU's crash messages), no error and no panic.
+fn end_race(end: &str, smp: u32) -> Outcome {
+    let append = format!("mode=endrace end={end}");
+    let mut extra = PASSTHROUGH.to_vec();
+    extra.extend(["-action", "panic=shutdown"]);
+    let o = run_guest("hostile_page", smp, Some(&append), &extra);
+    assert!(!o.timed_out, "{}", o.describe());
+    assert_eq!(o.status, Some(0), "{}", o.describe());
+    assert!(
+        o.stdout
+            .contains(&format!("every CPU is busy; ending the VM with {end}")),
+        "{}",
+        o.describe()
+    );
+    assert!(o.failures().is_empty(), "{}", o.describe());
+    assert!(
+        o.stderr_noise().iter().all(|l| l.starts_with("warning: ")),
+        "{}",
+        o.describe()
+    );
+    o
+}
+
+#[test]
+fn reset_triple_fault_and_crash_while_every_other_vcpu_is_busy() {
+    for smp in [2, 16] {
+        let o = end_race("reset", smp);
+        assert!(o.stderr_noise().is_empty(), "{}", o.describe());
+        let o = end_race("triple", smp);
+        assert!(o.stderr.contains("triple fault"), "{}", o.describe());
+        let o = end_race("crash", smp);
+        assert!(
+            o.stderr.contains("warning: Guest crashed")
+                && o.stderr.contains("HV crash parameters: (0xbad"),
+            "{}",
+            o.describe()
+        );
+    }
+}
+
+#[test]
+fn reset_while_busy_reboots_with_every_vcpu_and_clean_hyperv_state() {
+    // Without --no-reboot: the RESET reboots the VM; the second boot checks the state.
+    let args: Vec<String> = qemu_style_args(
+        kernel("hostile_page"),
+        4,
+        Some("mode=endrace end=reboot"),
+        PASSTHROUGH,
+    )
+    .into_iter()
+    .filter(|a| a != "--no-reboot")
+    .collect();
+    let o = run_raw(&args);
+    check(
+        &o,
+        &[
+            "every CPU came back after the reset (4)",
+            "Hyper-V state reads as after a reset on every CPU",
+            "hypercalls can be enabled again",
+        ],
+    );
+    let first = o.stdout.find("ending the VM with reboot");
+    let second = o.stdout.find("endrace: second boot");
+    assert!(
+        matches!((first, second), (Some(f), Some(s)) if f < s),
+        "{}",
+        o.describe()
+    );
+}
