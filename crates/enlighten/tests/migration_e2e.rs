@@ -983,7 +983,7 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     // it runs MAX_SYNCS dirty syncs, resending the guest's pages each pass, then stops and copies. The
     // destination must see every page's last write; the source is left in postmigrate and `cont` resumes it.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let append = "pages=64 ms=3000";
+    let append = "pages=64 ms=4000";
     let sock = scratch("dirty.migr");
     let _ = std::fs::remove_file(&sock);
     let spec = format!("unix:{}", sock.display());
@@ -1051,7 +1051,7 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
 #[test]
 fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = DirtySource::start("bw", "pages=512 ms=3000");
+    let mut src = DirtySource::start("bw", "pages=512 ms=4000");
     src.wait_line("dirtying 512 pages");
     let file = scratch("bw.snap");
     // 1 MiB/s: pass 1 alone (more than 2 MiB) takes over 2 s; cancel it after 300 ms.
