@@ -125,44 +125,92 @@ fn write_sparse(
     // A file of the right size made of holes; only non-zero pages are written.
     f.set_len(layout.ram_size)
         .map_err(|e| io("cannot size", e))?;
-    let zero = [0u8; PAGE_SIZE];
-    let mut buf = vec![0u8; CHUNK];
-    let (mut pages, mut zero_pages, mut done) = (0u64, 0u64, 0u64);
-    for r in file_regions(layout) {
-        let mut at = 0u64;
-        while at < r.size {
-            let len = (r.size - at).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..len];
-            mem.read_slice(chunk, GuestAddress(r.gpa + at))
-                .map_err(|e| vm_err(format!("cannot read guest RAM at {:#x}: {e}", r.gpa + at)))?;
-            // Write each run of non-zero pages with one call.
-            let mut run_start: Option<usize> = None;
-            for (i, page) in chunk.chunks(PAGE_SIZE).enumerate() {
-                let is_zero = page == &zero[..page.len()];
-                if is_zero {
-                    zero_pages += 1;
-                    if let Some(s) = run_start.take() {
-                        f.write_all_at(&chunk[s..i * PAGE_SIZE], r.offset + at + s as u64)
-                            .map_err(|e| io("cannot write", e))?;
+    // Two stages, so that copying and scanning guest RAM overlaps with the writes (page-cache writes are the
+    // slower half): this thread reads chunks and finds their runs of non-zero pages, a writer thread writes
+    // them. Buffers go back and forth, so at most `BUFFERS` chunks exist.
+    const BUFFERS: usize = 3;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Chunk>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        let _ = free_tx.send(vec![0u8; CHUNK]);
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(), std::io::Error> {
+            for c in full_rx {
+                for &(start, end) in &c.runs {
+                    f.write_all_at(&c.buf[start..end], c.offset + start as u64)?;
+                }
+                // The reader may have stopped; then the buffer is simply dropped.
+                let _ = free_tx.send(c.buf);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<(u64, u64), MigrationError> {
+            let zero = [0u8; PAGE_SIZE];
+            let (mut pages, mut zero_pages, mut done) = (0u64, 0u64, 0u64);
+            for r in file_regions(layout) {
+                let mut at = 0u64;
+                while at < r.size {
+                    let len = (r.size - at).min(CHUNK as u64) as usize;
+                    // No free buffer: the writer failed (its error is reported below).
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok((pages, zero_pages));
+                    };
+                    mem.read_slice(&mut buf[..len], GuestAddress(r.gpa + at))
+                        .map_err(|e| {
+                            vm_err(format!("cannot read guest RAM at {:#x}: {e}", r.gpa + at))
+                        })?;
+                    let mut runs = Vec::new();
+                    let mut run_start: Option<usize> = None;
+                    for (i, page) in buf[..len].chunks(PAGE_SIZE).enumerate() {
+                        if page == &zero[..page.len()] {
+                            zero_pages += 1;
+                            if let Some(s) = run_start.take() {
+                                runs.push((s, i * PAGE_SIZE));
+                            }
+                        } else {
+                            pages += 1;
+                            run_start.get_or_insert(i * PAGE_SIZE);
+                        }
                     }
-                } else {
-                    pages += 1;
-                    run_start.get_or_insert(i * PAGE_SIZE);
+                    if let Some(s) = run_start {
+                        runs.push((s, len));
+                    }
+                    let chunk = Chunk {
+                        buf,
+                        offset: r.offset + at,
+                        runs,
+                    };
+                    if full_tx.send(chunk).is_err() {
+                        return Ok((pages, zero_pages));
+                    }
+                    at += len as u64;
+                    done += len as u64;
+                    if done.is_multiple_of(64 << 20) {
+                        progress(done, layout.ram_size);
+                    }
                 }
             }
-            if let Some(s) = run_start {
-                f.write_all_at(&chunk[s..], r.offset + at + s as u64)
-                    .map_err(|e| io("cannot write", e))?;
-            }
-            at += len as u64;
-            done += len as u64;
-            if done.is_multiple_of(64 << 20) {
-                progress(done, layout.ram_size);
-            }
-        }
-    }
-    progress(layout.ram_size, layout.ram_size);
-    Ok((pages, zero_pages))
+            Ok((pages, zero_pages))
+        })();
+        drop(full_tx);
+        let written = match writer.join() {
+            Ok(r) => r.map_err(|e| io("cannot write", e)),
+            Err(_) => Err(vm_err("the memory file writer thread panicked")),
+        };
+        let counts = read?;
+        written?;
+        progress(layout.ram_size, layout.ram_size);
+        Ok(counts)
+    })
+}
+
+/// A chunk of guest RAM on its way to the memory file: the runs `[start, end)` of `buf` to write at
+/// `offset + start`.
+struct Chunk {
+    buf: Vec<u8>,
+    offset: u64,
+    runs: Vec<(usize, usize)>,
 }
 
 /// Takes a snapshot of the paused machine: the state sections (see [`super::vm::save`]) and a MemoryFile
