@@ -987,24 +987,29 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     let sock = scratch("dirty.migr");
     let _ = std::fs::remove_file(&sock);
     let spec = format!("unix:{}", sock.display());
-    let dst_args = dirty_args(append, &["-incoming", &spec]);
+    // The destination has -S: once loaded it stays paused (QEMU's autostart rule) until `cont`.
+    let dqmp = scratch("dirty-dst.qmp");
+    let _ = std::fs::remove_file(&dqmp);
+    let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
+    let dst_args = dirty_args(append, &["-S", "-incoming", &spec, "-qmp", &dspec]);
     let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut dq = Qmp::connect(&dqmp);
     let mut src = DirtySource::start("dirty", append);
     src.wait_line("dirtying 64 pages");
     let start = Instant::now();
     while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    // 8 MiB/s: a pass of the guest's 256 KiB takes about 30 ms, long enough for the guest to dirty its pages
-    // again (a pass that finds nothing dirty would meet even a 0 ms limit).
+    // 4 MiB/s: a pass of the guest's 256 KiB takes about 60 ms, long enough for the guest to dirty its pages
+    // again even on a loaded host (a pass that finds nothing dirty would meet even a 0 ms limit).
     let r = src.qmp.cmd(
         "migrate-set-parameters",
-        json!({"downtime-limit": 0, "max-bandwidth": 8 << 20}),
+        json!({"downtime-limit": 0, "max-bandwidth": 4 << 20}),
     );
     assert!(r.get("return").is_some(), "{r}");
     let p = src.qmp.cmd("query-migrate-parameters", json!({}));
     assert_eq!(p["return"]["downtime-limit"], 0, "{p}");
-    assert_eq!(p["return"]["max-bandwidth"], 8 << 20, "{p}");
+    assert_eq!(p["return"]["max-bandwidth"], 4 << 20, "{p}");
     let q = src.qmp.migrate(&spec);
     assert_eq!(q["status"], "completed", "{q}");
     // Normally 30 syncs while the guest runs (MAX_SYNCS) and one more with the vCPUs stopped; fewer only if
@@ -1040,6 +1045,20 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     let r = src.qmp.cmd("cont", json!({}));
     assert!(r.get("return").is_some(), "{r}");
     let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "running", "{st}");
+    // The destination: inmigrate until loaded, then paused (-S) until `cont`.
+    let start = Instant::now();
+    let st = loop {
+        let st = dq.cmd("query-status", json!({}));
+        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["return"]["status"], "paused", "{st}");
+    let r = dq.cmd("cont", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let st = dq.cmd("query-status", json!({}));
     assert_eq!(st["return"]["status"], "running", "{st}");
     let o = dst.join().expect("destination thread");
     assert_passed_with(&o, DIRTY_PASS_LINES);
