@@ -33,7 +33,11 @@
 #define SENTINEL 0x5E5E5E5E5E5E5E00ul
 #define MARK_UD 0x0D0D0D0D0D0D0D06ul
 #define KVM_ENOSYS ((u64)-1000l)
-#define NPAGES 4
+/* Pages the hypercall page moves through. Never reused: CPU 1 may still be inside a page it read from `cur`
+ * long ago (its thread can be descheduled for milliseconds), so only the current page is ever rewritten, and a
+ * page is prepared (filled with 0xCC, which this host's emulator cannot execute) only before it first becomes
+ * current. */
+#define NPAGES 64
 #define HVMSG_TEST_FLOOD 0x7E57u
 
 /* First 8 bytes of the page; every variant has `ret` at offset 2, so a call that ran the 2-byte first
@@ -156,7 +160,9 @@ static void race(u64 calls)
             wrmsr(HV_MSR_HYPERCALL, 0); /* disabled: the code stays, calls still work (KVM) */
             break;
         case 7: {
-            u8 *q = pages[next++ % NPAGES];
+            if (next >= NPAGES)
+                break;
+            u8 *q = pages[next++];
             memset(q, 0xCC, 4096);
             wrmsr(HV_MSR_HYPERCALL, (u64)q | 1);
             cur = q;
@@ -289,14 +295,21 @@ static void msr_race(u64 rounds)
 #define FLOOD_VECTOR 0x43
 #define FLOOD_CONN 30
 #define FLOOD_MAX 512
-static struct hv_message *flood_simp;
+/* The SIMP page the consumer reads (NULL while SIMP is disabled or outside RAM); changed only by CPU 0 with
+ * interrupts off, and the handler runs on CPU 0. */
+static struct hv_message *volatile flood_simp;
 static volatile u32 flood_got, flood_dup, flood_bad_payload;
 static volatile u8 flood_seen[MAX_CPUS][FLOOD_MAX];
-static volatile u32 flood_sent, flood_busy, flood_other, flood_done;
+static volatile u32 flood_sent, flood_busy, flood_other, flood_done, flood_give_up;
 
 static void flood_handler(struct regs *r)
 {
     (void)r;
+    if (!flood_simp) {
+        wrmsr(HV_MSR_EOM, 0);
+        apic_eoi();
+        return;
+    }
     struct hv_message *m = &flood_simp[3];
     if (m->type == HVMSG_TEST_FLOOD) {
         u32 cpu = m->payload[0] | ((u32)m->payload[1] << 8);
@@ -337,6 +350,8 @@ static void flood_poster(void *arg)
             if (st == HV_STATUS_INSUFFICIENT_BUFFERS) {
                 atomic_inc(&flood_busy);
                 pause();
+                if (READ_ONCE(flood_give_up))
+                    break;
                 continue;
             }
             atomic_inc(&flood_other);
@@ -346,14 +361,46 @@ static void flood_poster(void *arg)
     atomic_inc(&flood_done);
 }
 
-static void post_flood(u64 per_cpu)
+/* While the flood runs, CPU 0 keeps moving its SIMP between two pages, disabling it and pointing it beyond RAM
+ * and on the APIC page (with an EOM each time, so that a message staged against the old page is retried). Messages
+ * may then be lost (a message copied into a page that is moved away, or dropped while SIMP is off), but none may
+ * be duplicated or corrupted, every status stays SUCCESS/INSUFFICIENT_BUFFERS, and once SIMP is stable again a
+ * fresh message goes through. */
+static void toggle_simp(unsigned step, struct hv_message *a, struct hv_message *b)
+{
+    static const u64 outside[] = {1ul << 40, 0xFEE00000ul};
+    cli();
+    switch (step % 5) {
+    case 0:
+        wrmsr(HV_MSR_SIMP, (u64)a | 1);
+        flood_simp = a;
+        break;
+    case 1:
+        wrmsr(HV_MSR_SIMP, (u64)b | 1);
+        flood_simp = b;
+        break;
+    case 2:
+        wrmsr(HV_MSR_SIMP, 0);
+        flood_simp = NULL;
+        break;
+    default:
+        wrmsr(HV_MSR_SIMP, outside[step % 2] | 1);
+        flood_simp = NULL;
+        break;
+    }
+    wrmsr(HV_MSR_EOM, 0);
+    sti();
+}
+
+static void post_flood(u64 per_cpu, bool toggle)
 {
     if (!hv_enable_hypercalls())
         fail("cannot enable the hypercall page");
     if (per_cpu > FLOOD_MAX)
         per_cpu = FLOOD_MAX;
-    flood_simp = alloc_pages(1);
-    synic_enable(flood_simp, NULL);
+    struct hv_message *a = alloc_pages(1), *b = alloc_pages(1);
+    flood_simp = a;
+    synic_enable(a, NULL);
     set_irq_handler(FLOOD_VECTOR, flood_handler);
     synic_set_sint(3, FLOOD_VECTOR, false);
     hvt_cmd(HVT_MSG_CONN_CREATE, 0, 3, FLOOD_CONN);
@@ -361,9 +408,26 @@ static void post_flood(u64 per_cpu)
     for (u32 cpu = 1; cpu < n; cpu++)
         on_cpu_async(cpu, flood_poster, (void *)per_cpu);
     u64 end = rdtsc() + 60000000000ul;
+    unsigned toggles = 0;
     sti();
-    while ((READ_ONCE(flood_done) < n - 1 || READ_ONCE(flood_got) < READ_ONCE(flood_sent)) && rdtsc() < end)
+    while ((READ_ONCE(flood_done) < n - 1 || (!toggle && READ_ONCE(flood_got) < READ_ONCE(flood_sent))) &&
+           rdtsc() < end) {
         (void)inb(0x80);
+        if (toggle)
+            toggle_simp(toggles++, a, b);
+    }
+    if (READ_ONCE(flood_done) < n - 1) {
+        WRITE_ONCE(flood_give_up, 1);
+        while (READ_ONCE(flood_done) < n - 1)
+            (void)inb(0x80);
+    }
+    if (toggle) {
+        cli();
+        wrmsr(HV_MSR_SIMP, (u64)a | 1); /* stable again: a fresh (zeroed) page */
+        flood_simp = a;
+        wrmsr(HV_MSR_EOM, 0);
+        sti();
+    }
     idle_for(10000000); /* a straggler would show up as a duplicate or an extra message */
     cli();
     u32 total = (n - 1) * (u32)per_cpu;
@@ -371,11 +435,37 @@ static void post_flood(u64 per_cpu)
     for (u32 cpu = 1; cpu < n; cpu++)
         for (u32 i = 0; i < per_cpu; i++)
             missing += flood_seen[cpu][i] == 0;
-    report(flood_other == 0, "%u CPUs posted %u messages: every status SUCCESS or INSUFFICIENT_BUFFERS (%u busy "
-           "retries, %u other)", n - 1, total, flood_busy, flood_other);
-    report(flood_sent == total && flood_got == total && missing == 0 && flood_dup == 0 && flood_bad_payload == 0,
-           "every accepted message delivered exactly once (sent %u, delivered %u, missing %u, duplicated %u, bad %u)",
-           flood_sent, flood_got, missing, flood_dup, flood_bad_payload);
+    report(flood_other == 0 && !flood_give_up,
+           "%u CPUs posted %u messages: every status SUCCESS or INSUFFICIENT_BUFFERS (%u busy retries, %u other%s)",
+           n - 1, total, flood_busy, flood_other, flood_give_up ? ", gave up" : "");
+    if (!toggle) {
+        report(flood_sent == total && flood_got == total && missing == 0 && flood_dup == 0 && flood_bad_payload == 0,
+               "every accepted message delivered exactly once (sent %u, delivered %u, missing %u, duplicated %u, "
+               "bad %u)",
+               flood_sent, flood_got, missing, flood_dup, flood_bad_payload);
+    } else {
+        report(flood_got <= flood_sent && flood_dup == 0 && flood_bad_payload == 0,
+               "with SIMP moved, disabled and put outside RAM %u times: no duplicate or corrupt message "
+               "(sent %u, delivered %u, duplicated %u, bad %u)",
+               toggles, flood_sent, flood_got, flood_dup, flood_bad_payload);
+        /* One more message once SIMP is stable: delivered. */
+        u32 before = flood_got;
+        struct hv_post_message_input *in = alloc_pages(1);
+        in->connection_id = FLOOD_CONN;
+        in->message_type = HVMSG_TEST_FLOOD;
+        in->payload_size = 16;
+        in->payload[0] = 0;
+        in->payload[2] = 0; /* CPU 0, sequence 0: never used by the posters */
+        u64 st;
+        u64 stop = rdtsc() + 20000000000ul;
+        while ((st = hv_post_message(in)) == HV_STATUS_INSUFFICIENT_BUFFERS && rdtsc() < stop) {
+            wrmsr(HV_MSR_EOM, 0);
+            idle_for(100000);
+        }
+        wait_count(&flood_got, before + 1, 20000000000ul);
+        report(st == HV_STATUS_SUCCESS && flood_got == before + 1 && flood_seen[0][0] == 1,
+               "after the toggling, a new message is delivered (status %lx, %u)", st, flood_got - before);
+    }
     hvt_cmd(HVT_MSG_CONN_DESTROY, 0, 0, FLOOD_CONN);
     synic_mask_all();
 }
@@ -499,7 +589,7 @@ int main(void)
                  : !strncmp(how, "crash", 5)  ? "crash"
                                               : "triple");
     } else if (arg_is("mode", "postflood"))
-        post_flood(arg_u64("posts", 200));
+        post_flood(arg_u64("posts", 200), arg_u64("toggle", 0) != 0);
     else if (arg_is("mode", "msrrace"))
         msr_race(arg_u64("rounds", 300));
     else if (nr_cpus() < 2)

@@ -250,3 +250,21 @@ fn reset_while_busy_reboots_with_every_vcpu_and_clean_hyperv_state() {
         o.describe()
     );
 }
+
+#[test]
+fn post_message_flood_while_the_target_moves_disables_and_misplaces_its_simp() {
+    let o = run_guest(
+        "hostile_page",
+        4,
+        Some("mode=postflood posts=200 toggle=1"),
+        PASSTHROUGH,
+    );
+    check(
+        &o,
+        &[
+            "3 CPUs posted 600 messages: every status SUCCESS or INSUFFICIENT_BUFFERS",
+            "with SIMP moved, disabled and put outside RAM",
+            "after the toggling, a new message is delivered (status 0, 1)",
+        ],
+    );
+}
