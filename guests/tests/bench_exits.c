@@ -10,8 +10,10 @@
  *   - a CPL 0 loop body with no exit at all (what KVM's instruction emulator adds to every CPL 0 sample);
  *   - reference time from the TSC page at CPL 3 (native here) and from TIME_REF_COUNT.
  *   Prints one `BENCH key=value ...` line per measure.
- * test=loop: `kind` = mmio3 (bare MMIO reads at CPL 3) or tscpage (TSC-page reads at CPL 3), `n` iterations,
- *   fixed-width output: two runs with different `n` differ in exits only by the loop's own exits.
+ * test=loop: `kind` = mmio3 (bare MMIO reads at CPL 3), tscpage (TSC-page reads at CPL 3), hypercall
+ *   (NotifyLongSpinWait through the hypercall page, CPL 0) or nullcall (the same call into a copy of the page whose
+ *   `out` goes to an idle port), `n` iterations; fixed-width output: two runs with different `n` differ in exits
+ *   only by the loop's own exits (and a host profile of the two differs only by the loop's exit handling).
  * test=irq: `n` APIC-timer interrupts (1 ms periodic) taken while spinning at CPL 3, each ended with
  *   eoi=xapic (MMIO EOI register; run with mode=xapic), eoi=msr (HV_X64_MSR_EOI) or eoi=pv (exit-less EOI
  *   through the VP assist page, falling back to the EOI MSR when the VMM did not set "no EOI required").
@@ -286,6 +288,19 @@ static void loop(void)
             fail("no reference TSC page");
         r = run_user(user_tscpage_loop, n);
         report(r != 0, "TSC page reads monotonic");
+    } else if (arg_is("kind", "hypercall") || arg_is("kind", "nullcall")) {
+        if (!(hv_features_eax() & HV_EAX_HYPERCALL) || !hv_enable_hypercalls())
+            fail("no hypercall page");
+        u8 *null_page = alloc_pages(1);
+        memcpy(null_page, hv_hypercall_page, 4096);
+        null_page[1] = 0xE5; /* no device */
+        bool null = arg_is("kind", "nullcall");
+        if (null)
+            hv_hypercall_page = null_page;
+        u64 st = 0;
+        for (u64 i = 0; i < n; i++)
+            st |= hv_hypercall(HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_HYPERCALL_FAST, 1, 0);
+        report(null || (st & 0xFFFF) == HV_STATUS_SUCCESS, "calls returned 0x%016lx", null ? 0ul : st);
     } else {
         fail("unknown kind");
     }

@@ -289,8 +289,7 @@ impl VcpuHook for HvVcpuHook {
     fn release_timers(&self, vcpu: usize) {
         let vp = VpId(vcpu as u32);
         let p = self.0.platform();
-        let now = self.0.reference_time(vp);
-        for t in p.timers().release(vp, now) {
+        for t in p.timers().release(vp, || self.0.reference_time(vp)) {
             p.queue_timer(vp, t);
         }
     }

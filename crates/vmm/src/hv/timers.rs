@@ -82,13 +82,14 @@ impl HvTimers {
         q.earliest(vp.0)
     }
 
-    /// `vp` woke: its timers go back to the thread; returns (and disarms) those due at reference time `now`, for
-    /// the caller to expire on `vp`'s thread.
-    pub fn release(&self, vp: VpId, now: u64) -> Vec<TimerId> {
+    /// `vp` woke: its timers go back to the thread; returns (and disarms) those due at reference time `now()`
+    /// (read only if `vp` has a timer armed), for the caller to expire on `vp`'s thread.
+    pub fn release(&self, vp: VpId, now: impl FnOnce() -> u64) -> Vec<TimerId> {
         let mut q = self.lock();
-        if !q.claimed.remove(&vp.0) {
+        if !q.claimed.remove(&vp.0) || q.earliest(vp.0).is_none() {
             return Vec::new();
         }
+        let now = now();
         let due: Vec<u8> = q
             .armed
             .range((vp.0, 0)..=(vp.0, u8::MAX))
@@ -223,7 +224,11 @@ mod tests {
             let earliest = arm.iter().map(|&(_, d)| d).min();
             assert_eq!(t.claim(VpId(1)), earliest, "{arm:?}");
             assert!(t.lock().claimed.contains(&1));
-            let got: Vec<u8> = t.release(VpId(1), now).into_iter().map(|x| x.0).collect();
+            let got: Vec<u8> = t
+                .release(VpId(1), || now)
+                .into_iter()
+                .map(|x| x.0)
+                .collect();
             assert_eq!(got, due, "{arm:?} at {now}");
             assert_eq!(armed(&t, 1), left, "{arm:?} at {now}");
             assert!(!t.lock().claimed.contains(&1));
@@ -240,7 +245,7 @@ mod tests {
         // afterwards expires nothing (the thread owns the timer).
         t.arm(VpId(2), TimerId(1), 2_000);
         assert!(!t.lock().claimed.contains(&2));
-        assert!(t.release(VpId(2), 5_000).is_empty());
+        assert!(t.release(VpId(2), || 5_000).is_empty());
         assert_eq!(armed(&t, 2), [(1, 2_000)]);
     }
 }
