@@ -490,9 +490,14 @@ impl MigrationControl {
     ) -> Result<Paused, String> {
         let hv = self.hv.as_deref();
         let save = |w: Box<dyn Write>| -> Result<Paused, String> {
-            let (out, paused, _) =
+            let (out, paused, stats) =
                 mvm::save_live(&self.vm, hv, &self.config, BufWriter::new(w), ctl, events)
                     .map_err(|e| e.to_string())?;
+            // The End section is out: the destination may run already, so the migration can no longer be
+            // cancelled (a cut now could leave both sides running); the verdict decides.
+            *lock(&self.cutter) = None;
+            lock(&self.info).live = Some(stats);
+            *lock(&self.active) = None;
             // Closes a pipe or file now (a socket stays open through its read half).
             drop(out);
             Ok(paused)
