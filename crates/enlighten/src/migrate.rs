@@ -120,6 +120,8 @@ struct Info {
     live: Option<mvm::LiveStats>,
     /// From `migrate` to the first pass (QEMU's `setup-time`).
     setup_ms: u64,
+    /// The destination's side: `query-migrate` reports only the status, as QEMU's does.
+    incoming: bool,
 }
 
 /// Migration state of one VM.
@@ -330,6 +332,9 @@ impl MigrationControl {
         if i.status == "none" {
             return json!({});
         }
+        if i.incoming {
+            return json!({ "status": i.status });
+        }
         // A running live migration's own counters, else the last migration's.
         let running = lock(&self.active).as_ref().map(|c| c.stats());
         let live = running.or(i.live);
@@ -401,6 +406,9 @@ impl MigrationControl {
         let ctl = Arc::new(mvm::LiveControl::default());
         {
             let mut i = lock(&self.info);
+            if (i.incoming && i.status == "active") || lock(&self.deferred).is_some() {
+                return Err("Guest is waiting for an incoming migration".to_string());
+            }
             if matches!(i.status, "setup" | "active" | "cancelling") {
                 return Err("There's a migration process in progress".to_string());
             }
@@ -684,10 +692,16 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
+            *lock(&control.info) = Info {
+                status: "active",
+                incoming: true,
+                ..Info::default()
+            };
             status_event("active");
             match control.run_incoming(&uri, &held) {
                 Ok(stats) => {
                     tracing::info!(?stats, "incoming migration loaded");
+                    lock(&control.info).status = "completed";
                     status_event("completed");
                     // QEMU's autostart rule: running, or paused with -S (or after `stop`).
                     crate::qmp_glue::incoming_loaded();
@@ -696,6 +710,7 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
                 Err(e) => {
                     eprintln!("error: {e}");
                     eprintln!("error: load of migration failed");
+                    lock(&control.info).status = "failed";
                     status_event("failed");
                     handle.request_exit(1);
                     std::mem::forget(held);

@@ -563,6 +563,11 @@ fn incoming_defer_then_migrate_incoming() {
     let mut dq = Qmp::connect(&dqmp);
     let st = dq.cmd("query-status", json!({}));
     assert_eq!(st["return"]["status"], "inmigrate", "{st}");
+    let r = dq.cmd("migrate", json!({"uri": "exec:cat >/dev/null"}));
+    assert_eq!(
+        r["error"]["desc"], "Guest is waiting for an incoming migration",
+        "{r}"
+    );
     let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
     assert!(r.get("return").is_some(), "{r}");
     let r = dq.cmd("migrate-incoming", json!({ "uri": spec }));
@@ -593,6 +598,9 @@ fn incoming_defer_then_migrate_incoming() {
         "{:?}",
         dq.events
     );
+    // QEMU's destination reports only the status.
+    let q = dq.cmd("query-migrate", json!({}));
+    assert_eq!(q["return"], json!({"status": "completed"}), "{q}");
     let (_, out, _) = src.finish(true);
     assert!(
         !out.contains("SUMMARY:"),
