@@ -210,3 +210,41 @@ fn stimer_and_synic_messages_survive_a_file_round_trip() {
         );
     }
 }
+
+#[test]
+fn snapshot_and_restore_help() {
+    for (args, want) in [
+        (
+            &["snapshot", "--help"][..],
+            "usage: enlighten snapshot -qmp",
+        ),
+        (&["snapshot", "-h"][..], "--stream FILE"),
+        (
+            &["restore", "--help"][..],
+            "usage: enlighten restore FILE [OPTIONS]",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+            .args(args)
+            .output()
+            .expect("run enlighten");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(want),
+            "{args:?}: {text}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+        .args([
+            "snapshot",
+            "-qmp",
+            "unix:/nonexistent/qmp",
+            "--stream",
+            "a",
+            "b",
+        ])
+        .output()
+        .expect("run enlighten");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: enlighten snapshot"));
+}
