@@ -36,7 +36,8 @@
 //!   `take_sipi` gives the right order.
 //! * **Timer.** Arm one host timer per vCPU at [`LocalApic::next_timer_deadline_ns`] and call
 //!   [`LocalApic::timer_tick`] when it expires (early or spurious calls are harmless). Periodic mode re-arms
-//!   from the previous deadline, so there is no drift; missed periods are skipped, not queued.
+//!   from the previous deadline, so there is no drift; missed periods are skipped, not queued. As in KVM, a
+//!   periodic timer's period is at least [`MIN_PERIODIC_NS`] (200 µs), whatever the initial count.
 //! * **CR8.** Without an in-kernel APIC, KVM keeps CR8 in `kvm_run.cr8`: after each exit call
 //!   [`LocalApic::set_cr8`] with it, and before each entry store [`LocalApic::cr8`] there.
 //! * **Guest TSC writes.** Call [`LocalApic::resync_tsc`] so an armed TSC deadline follows the new TSC.
@@ -177,6 +178,10 @@ const ICR_BUSY: u64 = 1 << 12;
 const X2APIC_ICR_RESERVED: u64 = 0xFFF0_0000 | (3 << 16) | (1 << 13);
 const XAPIC_ICR_LOW_WRITABLE: u32 = 0x000C_CFFF;
 const NS_PER_SEC: u128 = 1_000_000_000;
+
+/// The shortest period of a periodic APIC timer, as KVM's `min_timer_period_us` (200 µs by default): a guest
+/// cannot make a host timer fire more often (KVM's reason: host timers are not throttled by the scheduler).
+pub const MIN_PERIODIC_NS: u64 = 200_000;
 
 /// A general-protection fault: the machine injects #GP(0) into the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -1172,10 +1177,22 @@ impl LocalApic {
             / (u128::from(self.timer_divisor()) * NS_PER_SEC)
     }
 
+    /// The period in timer ticks: the initial count, raised in periodic mode to the count that lasts
+    /// [`MIN_PERIODIC_NS`] at the current divide (KVM's `limit_periodic_timer_frequency`).
+    fn period_ticks(&self) -> u64 {
+        let n = u64::from(self.timer_initial);
+        if self.timer_mode() != TimerMode::Periodic || n == 0 {
+            return n;
+        }
+        let min = (u128::from(MIN_PERIODIC_NS) * u128::from(self.cfg.bus_freq_hz))
+            .div_ceil(u128::from(self.timer_divisor()) * NS_PER_SEC);
+        n.max(u64::try_from(min).unwrap_or(u64::MAX))
+    }
+
     /// Ticks from the countdown start to expiry number `k`.
     fn countdown_ticks(&self, k: u64) -> Option<u128> {
         u128::from(self.countdown.first_count)
-            .checked_add(u128::from(k).checked_mul(u128::from(self.timer_initial))?)
+            .checked_add(u128::from(k).checked_mul(u128::from(self.period_ticks()))?)
     }
 
     fn countdown_deadline(&self, k: u64) -> Option<u64> {
@@ -1210,9 +1227,10 @@ impl LocalApic {
         if t < first {
             return (first - t) as u32;
         }
-        let n = u128::from(self.timer_initial);
+        let n = u128::from(self.period_ticks());
         if self.timer_mode() == TimerMode::Periodic && n != 0 {
-            (n - (t - first) % n) as u32
+            // Above the initial count while a period raised to the minimum runs (as KVM reads it).
+            u32::try_from(n - (t - first) % n).unwrap_or(u32::MAX)
         } else {
             0
         }
@@ -1229,7 +1247,7 @@ impl LocalApic {
         self.countdown = Countdown {
             armed: value != 0,
             start_ns: now_ns,
-            first_count: u64::from(value),
+            first_count: self.period_ticks(),
             expiries: 0,
         };
         ApicEffects {
@@ -1376,7 +1394,7 @@ impl LocalApic {
     /// After a periodic expiry at or before `now_ns`: move to the first expiry after `now_ns`, and rebase the
     /// start onto the last expiry when that is an exact nanosecond, so the numbers stay small.
     fn advance_periodic(&mut self, now_ns: u64) {
-        let n = u128::from(self.timer_initial);
+        let n = u128::from(self.period_ticks());
         let first = u128::from(self.countdown.first_count);
         let t = self.ns_to_ticks(now_ns.saturating_sub(self.countdown.start_ns));
         // Smallest k with first + k*n > t (t >= first here, since the deadline passed).
@@ -1396,7 +1414,7 @@ impl LocalApic {
                 self.countdown = Countdown {
                     armed: true,
                     start_ns: last,
-                    first_count: u64::from(self.timer_initial),
+                    first_count: self.period_ticks(),
                     expiries: 0,
                 };
             }

@@ -1273,7 +1273,7 @@ fn one_shot_deadline_and_count_for_every_divide() {
 #[test]
 fn periodic_deadlines_and_count_for_every_divide() {
     for (enc, div) in DIVIDES {
-        let n: u32 = 300;
+        let n: u32 = 300_000; // 300 µs and more: above the 200 µs minimum period at every divide
         let start_ns = 1_000;
         let period = u64::from(n) * div;
         let mut apic = enabled(0);
@@ -1304,9 +1304,10 @@ fn periodic_deadlines_and_count_for_every_divide() {
 
 #[test]
 fn periodic_timer_does_not_drift_with_fractional_periods() {
-    // 3 MHz with divide 1 and count 10: a period of 3333.33 ns, so deadlines must follow start + ceil(k * P).
+    // 3 MHz with divide 1 and count 1000: a period of 333,333.33 ns, so deadlines must follow
+    // start + ceil(k * P).
     let freq = 3_000_000u64;
-    let n = 10u64;
+    let n = 1_000u64;
     let start_ns = 777u64;
     let mut apic = with_freq(0, freq);
     let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
@@ -1325,8 +1326,11 @@ fn periodic_timer_does_not_drift_with_fractional_periods() {
         let _ = apic.eoi();
     }
     assert_eq!(fired, 10_000);
-    // After 10_000 periods (33.333 ms) the deadline is exactly on the grid: no accumulated rounding.
-    assert_eq!(apic.next_timer_deadline_ns(), Some(start_ns + 33_336_667));
+    // After 10_000 periods (3.333 s) the deadline is exactly on the grid: no accumulated rounding.
+    assert_eq!(
+        apic.next_timer_deadline_ns(),
+        Some(start_ns + 3_333_666_667)
+    );
 }
 
 #[test]
@@ -1334,15 +1338,15 @@ fn periodic_timer_skips_missed_periods_and_stays_on_the_grid() {
     let mut apic = enabled(0);
     let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
     let _ = wr(&mut apic, reg::LVT_TIMER, 0x0002_0031, 0);
-    let _ = wr(&mut apic, reg::TIMER_INITIAL, 1000, 0);
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 1_000_000, 0);
     // The host was 5.5 periods late: one interrupt, next deadline at the 6th grid point.
-    let fx = apic.timer_tick(5_500, 0);
+    let fx = apic.timer_tick(5_500_000, 0);
     assert!(fx.reevaluate);
-    assert_eq!(apic.next_timer_deadline_ns(), Some(6_000));
-    assert_eq!(rd(&apic, reg::TIMER_CURRENT, 5_500), 500);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(6_000_000));
+    assert_eq!(rd(&apic, reg::TIMER_CURRENT, 5_500_000), 500_000);
     // Exactly on a grid point.
-    let _ = apic.timer_tick(6_000, 0);
-    assert_eq!(apic.next_timer_deadline_ns(), Some(7_000));
+    let _ = apic.timer_tick(6_000_000, 0);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(7_000_000));
 }
 
 #[test]
@@ -1351,18 +1355,18 @@ fn masked_timer_counts_but_requests_nothing() {
         let mut apic = enabled(0);
         let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
         let _ = wr(&mut apic, reg::LVT_TIMER, mode | LVT_MASKED | 0x40, 0);
-        let _ = wr(&mut apic, reg::TIMER_INITIAL, 100, 0);
-        assert_eq!(rd(&apic, reg::TIMER_CURRENT, 40), 60);
-        let fx = apic.timer_tick(100, 0);
+        let _ = wr(&mut apic, reg::TIMER_INITIAL, 1_000_000, 0);
+        assert_eq!(rd(&apic, reg::TIMER_CURRENT, 400_000), 600_000);
+        let fx = apic.timer_tick(1_000_000, 0);
         assert!(!fx.reevaluate);
         assert!(fx.timer_changed);
         assert!(!apic.is_requested(0x40));
         let periodic = mode != 0;
-        assert_eq!(apic.next_timer_deadline_ns(), periodic.then_some(200));
+        assert_eq!(apic.next_timer_deadline_ns(), periodic.then_some(2_000_000));
         // Unmasking: the next expiry requests the vector.
-        let _ = wr(&mut apic, reg::LVT_TIMER, mode | 0x40, 150);
+        let _ = wr(&mut apic, reg::LVT_TIMER, mode | 0x40, 1_500_000);
         if periodic {
-            assert!(apic.timer_tick(200, 0).reevaluate);
+            assert!(apic.timer_tick(2_000_000, 0).reevaluate);
             assert!(apic.is_requested(0x40));
         }
     }
@@ -1373,19 +1377,19 @@ fn initial_count_zero_stops_and_rewrite_restarts() {
     let mut apic = enabled(0);
     let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
     let _ = wr(&mut apic, reg::LVT_TIMER, 0x0002_0040, 0);
-    let _ = wr(&mut apic, reg::TIMER_INITIAL, 100, 0);
-    assert_eq!(apic.next_timer_deadline_ns(), Some(100));
-    let _ = wr(&mut apic, reg::TIMER_INITIAL, 500, 50);
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 1_000_000, 0);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(1_000_000));
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 5_000_000, 500_000);
     assert_eq!(
         apic.next_timer_deadline_ns(),
-        Some(550),
+        Some(5_500_000),
         "a rewrite restarts the count"
     );
-    let fx = wr(&mut apic, reg::TIMER_INITIAL, 0, 60);
+    let fx = wr(&mut apic, reg::TIMER_INITIAL, 0, 600_000);
     assert!(fx.timer_changed);
     assert_eq!(apic.next_timer_deadline_ns(), None);
-    assert_eq!(rd(&apic, reg::TIMER_CURRENT, 70), 0);
-    assert_eq!(apic.timer_tick(10_000, 0), ApicEffects::default());
+    assert_eq!(rd(&apic, reg::TIMER_CURRENT, 700_000), 0);
+    assert_eq!(apic.timer_tick(100_000_000, 0), ApicEffects::default());
 }
 
 #[test]
@@ -1405,18 +1409,61 @@ fn one_shot_to_periodic_switch_keeps_counting() {
     let mut apic = enabled(0);
     let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
     let _ = wr(&mut apic, reg::LVT_TIMER, 0x40, 0);
-    let _ = wr(&mut apic, reg::TIMER_INITIAL, 100, 0);
-    let _ = wr(&mut apic, reg::LVT_TIMER, 0x0002_0040, 30);
-    assert_eq!(apic.next_timer_deadline_ns(), Some(100));
-    let _ = apic.timer_tick(100, 0);
-    assert_eq!(apic.next_timer_deadline_ns(), Some(200));
-    let _ = wr(&mut apic, reg::LVT_TIMER, 0x40, 130);
-    let _ = apic.timer_tick(200, 0);
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 1_000_000, 0);
+    let _ = wr(&mut apic, reg::LVT_TIMER, 0x0002_0040, 300_000);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(1_000_000));
+    let _ = apic.timer_tick(1_000_000, 0);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(2_000_000));
+    let _ = wr(&mut apic, reg::LVT_TIMER, 0x40, 1_300_000);
+    let _ = apic.timer_tick(2_000_000, 0);
     assert_eq!(
         apic.next_timer_deadline_ns(),
         None,
         "back to one-shot: stops after the expiry"
     );
+}
+
+#[test]
+fn periodic_period_is_at_least_200_us() {
+    // KVM's min_timer_period_us: (initial count, divide encoding, divisor, expected period in ns). At 1 GHz a
+    // count of 1 with divide 1 would be a 1 ns period.
+    let cases: [(u32, u32, u64, u64); 5] = [
+        (1, 0xB, 1, 200_000),
+        (199_999, 0xB, 1, 200_000),
+        (200_001, 0xB, 1, 200_001),
+        (1_000, 0x3, 16, 200_000), // 16 µs raised to 200 µs = 12,500 ticks of 16 ns
+        (20_000, 0xA, 128, 2_560_000), // above the minimum: unchanged
+    ];
+    for (n, enc, div, period) in cases {
+        let mut apic = enabled(0);
+        let _ = wr(&mut apic, reg::TIMER_DIVIDE, enc, 0);
+        let _ = wr(&mut apic, reg::LVT_TIMER, 0x0002_0040, 0);
+        let _ = wr(&mut apic, reg::TIMER_INITIAL, n, 0);
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            Some(period),
+            "n {n} div {div}"
+        );
+        assert!(apic.timer_tick(period, 0).reevaluate);
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            Some(2 * period),
+            "n {n} div {div}"
+        );
+        // The current count runs down from the raised period (it can exceed the initial count, as in KVM).
+        let ticks = period / div;
+        assert_eq!(
+            rd(&apic, reg::TIMER_CURRENT, period + period / 2),
+            (ticks - ticks / 2) as u32
+        );
+        assert_eq!(rd(&apic, reg::TIMER_INITIAL, period), n);
+    }
+    // One-shot mode is not limited.
+    let mut apic = enabled(0);
+    let _ = wr(&mut apic, reg::TIMER_DIVIDE, 0xB, 0);
+    let _ = wr(&mut apic, reg::LVT_TIMER, 0x40, 0);
+    let _ = wr(&mut apic, reg::TIMER_INITIAL, 10, 0);
+    assert_eq!(apic.next_timer_deadline_ns(), Some(10));
 }
 
 fn tsc_deadline_apic() -> LocalApic {
