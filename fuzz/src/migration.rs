@@ -51,7 +51,7 @@ use vmm::migration::format::{
     crc32, ConfigSection, Section, SectionKind, StreamError, StreamReader, StreamWriter,
     FORMAT_VERSION, PAGE_RECORD, PAGE_SIZE,
 };
-use vmm::migration::vm::{EngineSection, VcpuSection};
+use vmm::migration::vm::{EngineSection, GlobalSection, VcpuSection};
 use vmm::MemoryLayout;
 
 use crate::engine::{next_op, Focus, Harness};
@@ -367,6 +367,7 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
     let mut devices: Vec<DeviceState> = Vec::new();
+    let mut global: Option<GlobalSection> = None;
     let mut pending = loop {
         let s = match next.take() {
             Some(s) => s,
@@ -394,6 +395,14 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
                 stats::bump(&stats::ENGINES_DECODED);
             }
             SectionKind::Device => devices.push(s.json()?),
+            SectionKind::GlobalState => {
+                if global.is_some() {
+                    return Err(StreamError::Corrupt(
+                        "two global state sections".to_string(),
+                    ));
+                }
+                global = Some(s.json::<GlobalSection>()?);
+            }
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()))
             }

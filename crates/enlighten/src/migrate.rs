@@ -189,9 +189,9 @@ impl mvm::LiveEvents for PassEvents<'_> {
         }
     }
 
-    fn stopping(&self) {
+    fn stopping(&self) -> bool {
         *lock(&self.stopped_at) = Some(Instant::now());
-        crate::qmp_glue::migration_stopping();
+        crate::qmp_glue::migration_stopping()
     }
 }
 
@@ -199,6 +199,9 @@ impl mvm::LiveEvents for PassEvents<'_> {
 pub fn source_held() -> bool {
     CONTROL.get().is_some_and(|c| lock(&c.held).is_some())
 }
+
+/// What an incoming migration loaded: the statistics and the source's run state (live streams).
+pub type Loaded = (mvm::Stats, Option<mvm::GlobalSection>);
 
 /// Releases the vCPUs a completed outgoing migration held (QMP `cont` from `postmigrate`).
 pub fn release_source() -> Option<Paused> {
@@ -584,13 +587,13 @@ impl MigrationControl {
 
     /// `-incoming`: loads the stream into this (held, not yet running) VM, then releases `held`. On a socket,
     /// tells the source the verdict.
-    pub fn run_incoming(&self, uri: &Uri, held: &Paused) -> Result<mvm::Stats, String> {
+    pub fn run_incoming(&self, uri: &Uri, held: &Paused) -> Result<Loaded, String> {
         let hv = self.hv.as_deref();
-        let load = |r: Box<dyn Read>| -> Result<mvm::Stats, MigrationError> {
+        let load = |r: Box<dyn Read>| -> Result<Loaded, MigrationError> {
             let mut progress = |_: u64, _: u64| {};
-            mvm::restore(held, hv, &self.config, BufReader::new(r), &mut progress)
+            mvm::restore_with_global(held, hv, &self.config, BufReader::new(r), &mut progress)
         };
-        let verdict = |mut w: Box<dyn Write>, r: &Result<mvm::Stats, MigrationError>| {
+        let verdict = |mut w: Box<dyn Write>, r: &Result<Loaded, MigrationError>| {
             let msg = match r {
                 Ok(_) => vec![ACK_OK],
                 Err(e) => {
@@ -699,12 +702,13 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
             };
             status_event("active");
             match control.run_incoming(&uri, &held) {
-                Ok(stats) => {
+                Ok((stats, global)) => {
                     tracing::info!(?stats, "incoming migration loaded");
                     lock(&control.info).status = "completed";
                     status_event("completed");
-                    // QEMU's autostart rule: running, or paused with -S (or after `stop`).
-                    crate::qmp_glue::incoming_loaded();
+                    // QEMU's autostart rule: running, or paused with -S (or after `stop`) or when the source
+                    // was paused.
+                    crate::qmp_glue::incoming_loaded(global.is_none_or(|g| g.running));
                     drop(held);
                 }
                 Err(e) => {

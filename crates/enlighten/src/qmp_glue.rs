@@ -226,15 +226,17 @@ impl VmControl {
 
     /// An outgoing migration is about to stop the vCPUs for its last pass: a running VM goes to
     /// `finish-migrate` with a STOP event, a paused one silently (QEMU's `vm_stop_force_state`).
-    fn migration_stopping(&self) {
+    fn migration_stopping(&self) -> bool {
         let mut st = lock(&self.state);
-        st.migration_was_running = st.run.is_running();
+        let was_running = st.run.is_running();
+        st.migration_was_running = was_running;
         if st.run.is_running() {
             st.run = RunState::FinishMigrate;
             self.send(Event::stop());
         } else if st.run == RunState::Paused {
             st.run = RunState::FinishMigrate;
         }
+        was_running
     }
 
     /// An outgoing migration ended: `postmigrate` when it completed, otherwise the VM runs again (with a
@@ -259,11 +261,14 @@ impl VmControl {
     }
 
     /// The incoming stream was loaded: the VM runs (RESUME), or stays `paused` with `-S` or after `stop`
-    /// (QEMU's autostart rule).
-    fn incoming_loaded(&self) {
+    /// (QEMU's autostart rule), or when the source was not running (QEMU's global state).
+    fn incoming_loaded(&self, source_running: bool) {
         let mut st = lock(&self.state);
         if st.run != RunState::Inmigrate {
             return;
+        }
+        if !source_running && st.held.is_none() {
+            st.held = Some(self.vm.hold_all());
         }
         if st.held.is_some() {
             st.run = RunState::Paused;
@@ -498,11 +503,10 @@ impl LifecycleHook for VmControl {
 /// The VM's controller, for the migration hooks below (set by [`start`]).
 static CONTROL: OnceLock<Arc<VmControl>> = OnceLock::new();
 
-/// Migration hook: the vCPUs are about to be stopped for the last pass (no-op without QMP).
-pub fn migration_stopping() {
-    if let Some(c) = CONTROL.get() {
-        c.migration_stopping();
-    }
+/// Migration hook: the vCPUs are about to be stopped for the last pass. Returns whether the guest was
+/// running (always without QMP, where nothing can pause it).
+pub fn migration_stopping() -> bool {
+    CONTROL.get().is_none_or(|c| c.migration_stopping())
 }
 
 /// Migration hook: an outgoing migration ended (completed, or failed/cancelled).
@@ -512,10 +516,11 @@ pub fn migration_finished(completed: bool) {
     }
 }
 
-/// Migration hook: the incoming stream was loaded.
-pub fn incoming_loaded() {
+/// Migration hook: the incoming stream was loaded; `source_running`: the source's guest ran when it stopped.
+/// Without QMP the destination always runs (nothing could resume a paused one).
+pub fn incoming_loaded(source_running: bool) {
     if let Some(c) = CONTROL.get() {
-        c.incoming_loaded();
+        c.incoming_loaded(source_running);
     }
 }
 

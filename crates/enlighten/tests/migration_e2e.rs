@@ -1076,6 +1076,52 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
 }
 
 #[test]
+fn a_paused_source_gives_a_paused_destination() {
+    // QEMU's global state: a destination without -S runs after the load only if the source's guest was
+    // running when the migration stopped it. Here the source is paused with `stop` before `migrate`.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let append = "pages=16 ms=1500";
+    let sock = scratch("paused.migr");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let dqmp = scratch("paused-dst.qmp");
+    let _ = std::fs::remove_file(&dqmp);
+    let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
+    let dst_args = dirty_args(append, &["-incoming", &spec, "-qmp", &dspec]);
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    let mut dq = Qmp::connect(&dqmp);
+    let mut src = DirtySource::start("paused", append);
+    src.wait_line("dirtying 16 pages");
+    let r = src.qmp.cmd("stop", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let q = src.qmp.migrate_when_listening(&spec);
+    assert_eq!(q["status"], "completed", "{q}");
+    let st = src.qmp.cmd("query-status", json!({}));
+    assert_eq!(st["return"]["status"], "postmigrate", "{st}");
+    let start = Instant::now();
+    let st = loop {
+        let st = dq.cmd("query-status", json!({}));
+        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["return"]["status"], "paused", "{st}");
+    assert!(
+        !dq.events.iter().any(|(n, _)| n == "RESUME"),
+        "no RESUME on the destination: {:?}",
+        dq.events
+    );
+    let r = dq.cmd("cont", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let o = dst.join().expect("destination thread");
+    assert_passed_with(&o, DIRTY_PASS_LINES);
+    let r = src.qmp.cmd("quit", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let _ = src.finish();
+}
+
+#[test]
 fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut src = DirtySource::start("bw", "pages=512 ms=4000");

@@ -6,7 +6,7 @@
 //! section  : kind u32 LE | payload length u64 LE | CRC-32 (IEEE) of the payload u32 LE | payload
 //! sections : Config (first, exactly once) · Vcpu × n · Device × k · Engine (0 or 1) · Memory × m · End
 //!            (a snapshot's state file has one MemoryFile section instead of the Memory sections)
-//! live     : Config · (Memory | ZeroPages) × m · Vcpu × n · Device × k · Engine (0 or 1) · End
+//! live     : Config · (Memory | ZeroPages) × m · Vcpu × n · Device × k · Engine (0 or 1) · GlobalState · End
 //! ```
 //!
 //! A live migration (iterative pre-copy) sends guest RAM first, while the guest runs: pass 1 sends every
@@ -66,6 +66,8 @@ pub enum SectionKind {
     MemoryFile,
     /// Guest pages that are now all zero (later passes of a live migration): `gpa u64 LE` each.
     ZeroPages,
+    /// The source's run state at the stop (live migration; JSON `GlobalSection`).
+    GlobalState,
     /// End of stream.
     End,
 }
@@ -81,6 +83,7 @@ impl SectionKind {
             SectionKind::Memory => 5,
             SectionKind::MemoryFile => 6,
             SectionKind::ZeroPages => 7,
+            SectionKind::GlobalState => 8,
             SectionKind::End => 0xFF,
         }
     }
@@ -95,6 +98,7 @@ impl SectionKind {
             5 => SectionKind::Memory,
             6 => SectionKind::MemoryFile,
             7 => SectionKind::ZeroPages,
+            8 => SectionKind::GlobalState,
             0xFF => SectionKind::End,
             _ => return None,
         })
@@ -110,6 +114,7 @@ impl SectionKind {
             SectionKind::Memory => "memory",
             SectionKind::MemoryFile => "memory file",
             SectionKind::ZeroPages => "zero pages",
+            SectionKind::GlobalState => "global state",
             SectionKind::End => "end",
         }
     }

@@ -429,6 +429,14 @@ fn load_pages(
     Ok(())
 }
 
+/// The source's run state at the stop (the GlobalState section of a live migration; QEMU's global state):
+/// a destination without `-S` runs only if the source did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalSection {
+    /// Whether the source's guest was running when the migration stopped it.
+    pub running: bool,
+}
+
 /// Loads a stream into a freshly created, paused machine of the same configuration (`dest` describes it).
 /// Everything is validated (header, config, every vCPU and the engine section, QEMU's re-enlightenment
 /// rule) before guest RAM or any vCPU is touched; a stream that fails later (truncated or corrupted memory)
@@ -440,6 +448,17 @@ pub fn restore<R: Read>(
     input: R,
     progress: Progress<'_>,
 ) -> Result<Stats, MigrationError> {
+    restore_with_global(paused, hv, dest, input, progress).map(|(stats, _)| stats)
+}
+
+/// [`restore`], also returning the source's run state when the stream carries it (live migration).
+pub fn restore_with_global<R: Read>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    dest: &ConfigSection,
+    input: R,
+    progress: Progress<'_>,
+) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
     let shared = paused.machine().clone();
     let n = shared.vcpus.len();
     if paused.vcpus().len() != n {
@@ -473,6 +492,7 @@ pub fn restore<R: Read>(
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
     let mut devices: Vec<crate::devices::DeviceState> = Vec::new();
+    let mut global: Option<GlobalSection> = None;
     let mut pending = loop {
         let s = match next.take() {
             Some(s) => s,
@@ -498,6 +518,14 @@ pub fn restore<R: Read>(
                 engine = Some(s.json()?);
             }
             SectionKind::Device => devices.push(s.json()?),
+            SectionKind::GlobalState => {
+                if global.is_some() {
+                    return Err(
+                        StreamError::Corrupt("two global state sections".to_string()).into(),
+                    );
+                }
+                global = Some(s.json()?);
+            }
             SectionKind::Config => {
                 return Err(StreamError::Corrupt("a second config section".to_string()).into())
             }
@@ -616,5 +644,5 @@ pub fn restore<R: Read>(
         }
     }
     stats.bytes = r.read_bytes();
-    Ok(stats)
+    Ok((stats, global))
 }

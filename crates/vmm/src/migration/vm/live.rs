@@ -9,7 +9,8 @@
 //!            converge when remaining / bandwidth <= downtime limit, or after MAX_SYNCS syncs
 //! pass k     the pages dirtied since sync k-1 (zero pages as ZeroPages records), rate-limited
 //! stop       every vCPU stopped through the rendezvous (pending exits completed); a last sync
-//!            (MIGRATION_PASS), the last dirty pages without rate limit, vCPU/device/engine state, End
+//!            (MIGRATION_PASS), the last dirty pages without rate limit, vCPU/device/engine state, the
+//!            source's run state (GlobalState), End
 //! ```
 //!
 //! The caller gets the stopped vCPUs back ([`Paused`]) and keeps the source paused until the destination
@@ -118,8 +119,9 @@ impl LiveControl {
 pub trait LiveEvents {
     /// Dirty-bitmap sync number `n` (from 1): QEMU's MIGRATION_PASS.
     fn pass(&self, n: u64);
-    /// The vCPUs are about to be stopped for the stop-and-copy pass (QEMU's STOP, `finish-migrate`).
-    fn stopping(&self);
+    /// The vCPUs are about to be stopped for the stop-and-copy pass (QEMU's STOP, `finish-migrate`). Returns
+    /// whether the guest was running (not paused by its owner): the destination runs only if it was.
+    fn stopping(&self) -> bool;
 }
 
 /// The set of dirty pages, one bitmap per RAM region (KVM's layout: bit `i` = page `i` of the region).
@@ -500,7 +502,7 @@ pub fn save_live<W: Write>(
     let precopy_bytes = w.written();
 
     // Stop-and-copy.
-    events.stopping();
+    let running = events.stopping();
     let paused = vm.pause_all();
     ctl.cancelled()?;
     sync(shared, hv, &mut dirty, &mut epoch)?;
@@ -515,6 +517,7 @@ pub fn save_live<W: Write>(
     let count = gpas.len() as u64;
     send_pages(shared, &mut w, gpas.into_iter(), false, ctl, None, count)?;
     write_machine_state(&paused, hv, &mut w)?;
+    w.json(SectionKind::GlobalState, &super::GlobalSection { running })?;
     ctl.cancelled()?;
     let bytes = w.written() + 16;
     let out = w.finish()?;
