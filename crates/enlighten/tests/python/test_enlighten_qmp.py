@@ -46,7 +46,7 @@ from qemu.qmp import ExecuteError, QMPClient
 # The helpers shared with the qmp crate's own client test.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "qmp", "tests",
                                 "python"))
-from qmp_testlib import TIMEOUT, Raw, next_event  # noqa: E402
+from qmp_testlib import TIMEOUT, Raw, disconnect_after_end, next_event  # noqa: E402
 
 class Vm:
     """An enlighten process with its serial output collected line by line."""
@@ -171,15 +171,6 @@ async def connect(vm, name="test"):
     qmp = QMPClient(name)
     await qmp.connect(vm.address)
     return qmp
-
-
-async def disconnect_after_end(qmp):
-    """Disconnects a client whose VM is ending: the server may close the connection first, which
-    qemu.qmp reports as EOFError from disconnect() (QEMU's own harness tolerates it the same way)."""
-    try:
-        await qmp.disconnect()
-    except EOFError:
-        pass
 
 
 async def status(qmp):

@@ -17,6 +17,15 @@ async def next_event(client, name):
     return event
 
 
+async def disconnect_after_end(qmp):
+    """Disconnects a client whose server is ending: the server may close the connection first, which
+    qemu.qmp reports as EOFError from disconnect() (QEMU's own harness tolerates it the same way)."""
+    try:
+        await qmp.disconnect()
+    except EOFError:
+        pass
+
+
 class Raw:
     """A bare Unix-socket client reading CRLF-terminated JSON lines, for input no library sends."""
 

@@ -23,7 +23,7 @@ import time
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from qmp_testlib import TIMEOUT, Raw, next_event
+from qmp_testlib import TIMEOUT, Raw, disconnect_after_end, next_event
 
 def wait_for_path(path, proc):
     deadline = time.monotonic() + TIMEOUT
@@ -148,7 +148,7 @@ async def main_async(args, path):
     await qmp.execute("quit")
     shutdown = await next_event(qmp, "SHUTDOWN")
     assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}, shutdown
-    await qmp.disconnect()
+    await disconnect_after_end(qmp)
 
 
 def main():
