@@ -14,6 +14,8 @@
  *   (NotifyLongSpinWait through the hypercall page, CPL 0) or nullcall (the same call into a copy of the page whose
  *   `out` goes to an idle port), `n` iterations; fixed-width output: two runs with different `n` differ in exits
  *   only by the loop's own exits (and a host profile of the two differs only by the loop's exit handling).
+ * test=window: `n` rounds of cli, self-IPI, sti, then an exit-free CPL 0 loop of `spin` iterations watching for
+ *   the handler (`cli=0` skips the cli); prints how many rounds ended the loop before the handler ran.
  * test=irq: `n` APIC-timer interrupts (1 ms periodic) taken while spinning at CPL 3, each ended with
  *   eoi=xapic (MMIO EOI register; run with mode=xapic), eoi=msr (HV_X64_MSR_EOI) or eoi=pv (exit-less EOI
  *   through the VP assist page, falling back to the EOI MSR when the VMM did not set "no EOI required").
@@ -374,9 +376,47 @@ static void irq(void)
     printf("BENCH irq n=%020lu pv_skipped=%020lu hv_eoi=%d\n", n, (u64)pv_skipped, hv_eoi_works);
 }
 
+/* ---- interrupt window: an interrupt that becomes pending while IF=0 must be taken right after `sti`, without
+ * waiting for another exit. Each round: cli, self-IPI (one exit, during which the interrupt is pending but not
+ * injectable), sti, then an exit-free loop of `spin` iterations (CPL 0, emulated) watching for the handler.
+ * Counts the rounds in which the handler had not run by the end of the loop (it then runs at the `hlt`). */
+static volatile u64 window_hits;
+
+static void window_irq(struct regs *r)
+{
+    (void)r;
+    window_hits++;
+    apic_eoi();
+}
+
+static void window(void)
+{
+    u64 n = arg_u64("n", 20), spin = arg_u64("spin", 20000), late = 0;
+    set_irq_handler(0x42, window_irq);
+    bool use_cli = arg_u64("cli", 1) != 0;
+    apic_init(apic_mode_from_cmdline());
+    for (u64 i = 0; i < n; i++) {
+        if (use_cli)
+            cli();
+        u64 before = window_hits;
+        apic_send_ipi(smp_id(), 0x42);
+        sti();
+        u64 k = 0;
+        while (window_hits == before && k < spin)
+            k++;
+        if (window_hits == before)
+            late++;
+        while (window_hits == before)
+            safe_halt();
+    }
+    printf("BENCH window n=%lu spin=%lu late=%lu\n", n, spin, late);
+}
+
 int main(void)
 {
-    if (arg_is("test", "loop"))
+    if (arg_is("test", "window"))
+        window();
+    else if (arg_is("test", "loop"))
         loop();
     else if (arg_is("test", "irq"))
         irq();
