@@ -790,6 +790,12 @@ pub fn seed_streams() -> Vec<(String, Vec<u8>)> {
             });
             ram_sections.append(&mut sections);
             sections = ram_sections;
+            // The source's run state at the stop.
+            sections.push(RawSection {
+                code: 8,
+                flags: 0,
+                payload: json(&GlobalSection { running: true }),
+            });
         } else {
             sections.append(&mut ram_sections);
         }
