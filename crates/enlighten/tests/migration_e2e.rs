@@ -584,14 +584,7 @@ fn incoming_defer_then_migrate_incoming() {
     let q = src.qmp.migrate(&format!("unix:{}", sock.display()));
     assert_eq!(q["status"], "completed", "{q}");
     // The destination runs once loaded (no -S: QEMU's autostart), with a RESUME event.
-    let start = Instant::now();
-    let st = loop {
-        let st = dq.cmd("query-status", json!({}));
-        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(5) {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = status_after_load(&mut dq);
     assert_eq!(st["return"]["status"], "running", "{st}");
     assert!(
         dq.events.iter().any(|(n, _)| n == "RESUME"),
@@ -980,6 +973,38 @@ fn event_names(events: &[(String, Value)]) -> Vec<String> {
         .collect()
 }
 
+/// A `migr_dirty` destination listening on a Unix socket, with a QMP socket; returns the migration URI, its
+/// QMP client and the thread that waits for its outcome. `extra`: more options (e.g. `-S`).
+fn dirty_destination(
+    tag: &str,
+    append: &str,
+    extra: &[&str],
+) -> (String, Qmp, std::thread::JoinHandle<Outcome>) {
+    let sock = scratch(&format!("{tag}.migr"));
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    let dqmp = scratch(&format!("{tag}-dst.qmp"));
+    let _ = std::fs::remove_file(&dqmp);
+    let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
+    let mut e = vec!["-incoming", &spec, "-qmp", &dspec];
+    e.extend_from_slice(extra);
+    let dst_args = dirty_args(append, &e);
+    let dst = std::thread::spawn(move || run_raw(&dst_args));
+    (spec, Qmp::connect(&dqmp), dst)
+}
+
+/// Polls a destination's `query-status` until it has left `inmigrate` (or 10 s passed); returns the reply.
+fn status_after_load(dq: &mut Qmp) -> Value {
+    let start = Instant::now();
+    loop {
+        let st = dq.cmd("query-status", json!({}));
+        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(10) {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 const DIRTY_PASS_LINES: &[&str] = &[
     "every page kept its last write (",
     "reference time never stepped back (0",
@@ -992,16 +1017,9 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     // destination must see every page's last write; the source is left in postmigrate and `cont` resumes it.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let append = "pages=64 ms=4000";
-    let sock = scratch("dirty.migr");
-    let _ = std::fs::remove_file(&sock);
-    let spec = format!("unix:{}", sock.display());
     // The destination has -S: once loaded it stays paused (QEMU's autostart rule) until `cont`.
-    let dqmp = scratch("dirty-dst.qmp");
-    let _ = std::fs::remove_file(&dqmp);
-    let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
-    let dst_args = dirty_args(append, &["-S", "-incoming", &spec, "-qmp", &dspec]);
-    let dst = std::thread::spawn(move || run_raw(&dst_args));
-    let mut dq = Qmp::connect(&dqmp);
+    let (spec, mut dq, dst) = dirty_destination("dirty", append, &["-S"]);
+    let sock = PathBuf::from(spec.trim_start_matches("unix:"));
     let mut src = DirtySource::start("dirty", append);
     src.wait_line("dirtying 64 pages");
     let start = Instant::now();
@@ -1055,14 +1073,7 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     let st = src.qmp.cmd("query-status", json!({}));
     assert_eq!(st["return"]["status"], "running", "{st}");
     // The destination: inmigrate until loaded, then paused (-S) until `cont`.
-    let start = Instant::now();
-    let st = loop {
-        let st = dq.cmd("query-status", json!({}));
-        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(10) {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = status_after_load(&mut dq);
     assert_eq!(st["return"]["status"], "paused", "{st}");
     let r = dq.cmd("cont", json!({}));
     assert!(r.get("return").is_some(), "{r}");
@@ -1081,15 +1092,7 @@ fn a_paused_source_gives_a_paused_destination() {
     // running when the migration stopped it. Here the source is paused with `stop` before `migrate`.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let append = "pages=16 ms=1500";
-    let sock = scratch("paused.migr");
-    let _ = std::fs::remove_file(&sock);
-    let spec = format!("unix:{}", sock.display());
-    let dqmp = scratch("paused-dst.qmp");
-    let _ = std::fs::remove_file(&dqmp);
-    let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
-    let dst_args = dirty_args(append, &["-incoming", &spec, "-qmp", &dspec]);
-    let dst = std::thread::spawn(move || run_raw(&dst_args));
-    let mut dq = Qmp::connect(&dqmp);
+    let (spec, mut dq, dst) = dirty_destination("paused", append, &[]);
     let mut src = DirtySource::start("paused", append);
     src.wait_line("dirtying 16 pages");
     let r = src.qmp.cmd("stop", json!({}));
@@ -1098,14 +1101,7 @@ fn a_paused_source_gives_a_paused_destination() {
     assert_eq!(q["status"], "completed", "{q}");
     let st = src.qmp.cmd("query-status", json!({}));
     assert_eq!(st["return"]["status"], "postmigrate", "{st}");
-    let start = Instant::now();
-    let st = loop {
-        let st = dq.cmd("query-status", json!({}));
-        if st["return"]["status"] != "inmigrate" || start.elapsed() > Duration::from_secs(10) {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let st = status_after_load(&mut dq);
     assert_eq!(st["return"]["status"], "paused", "{st}");
     assert!(
         !dq.events.iter().any(|(n, _)| n == "RESUME"),
