@@ -437,63 +437,39 @@ pub struct GlobalSection {
     pub running: bool,
 }
 
-/// Loads a stream into a freshly created, paused machine of the same configuration (`dest` describes it).
-/// Everything is validated (header, config, every vCPU and the engine section, QEMU's re-enlightenment
-/// rule) before guest RAM or any vCPU is touched; a stream that fails later (truncated or corrupted memory)
-/// leaves the machine unusable and the caller must not resume it.
-pub fn restore<R: Read>(
-    paused: &Paused,
-    hv: Option<&HvGlue>,
-    dest: &ConfigSection,
-    input: R,
-    progress: Progress<'_>,
-) -> Result<Stats, MigrationError> {
-    restore_with_global(paused, hv, dest, input, progress).map(|(stats, _)| stats)
+/// The machine-state sections of a stream, read by [`read_state_sections`].
+#[derive(Debug)]
+pub struct StateSections {
+    /// One per vCPU, in index order.
+    pub vcpus: Vec<VcpuSection>,
+    /// The Hyper-V engine's state (present iff the source ran the engine).
+    pub engine: Option<EngineSection>,
+    /// Device states, in stream order.
+    pub devices: Vec<crate::devices::DeviceState>,
+    /// The source's run state (live streams).
+    pub global: Option<GlobalSection>,
+    /// The first section after the state (memory, memory file or End), not yet interpreted.
+    pub next: Section,
 }
 
-/// [`restore`], also returning the source's run state when the stream carries it (live migration).
-pub fn restore_with_global<R: Read>(
-    paused: &Paused,
-    hv: Option<&HvGlue>,
+/// Reads and checks the vCPU, device, engine and global-state sections that follow the config (and, in a
+/// live stream, the pre-copied pages), starting with `first`, up to the first memory, memory-file or End
+/// section. Checks that every vCPU of `dest` has exactly one state, in order; that the engine's state is
+/// present iff `dest_has_engine`; and QEMU's re-enlightenment rule. Pure: touches no machine, so the
+/// migration-stream fuzz target drives it directly.
+pub fn read_state_sections<R: Read>(
+    r: &mut StreamReader<R>,
+    first: Section,
     dest: &ConfigSection,
-    input: R,
-    progress: Progress<'_>,
-) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
-    let shared = paused.machine().clone();
-    let n = shared.vcpus.len();
-    if paused.vcpus().len() != n {
-        return Err(vm_err("a restore needs every vCPU stopped"));
-    }
-    let mut r = StreamReader::new(input)?;
-    let first = r.expect_section()?;
-    if first.kind != SectionKind::Config {
-        return Err(StreamError::Corrupt(format!(
-            "the stream starts with a {} section instead of the config",
-            first.kind.name()
-        ))
-        .into());
-    }
-    let src: ConfigSection = first.json()?;
-    src.check_against(dest)?;
-    // A live migration's pre-copy passes: guest RAM comes before the vCPU and engine state.
-    let total = shared.layout.ram_size;
-    let mut stats = Stats::default();
-    let mut done = 0u64;
-    let mut next = r.expect_section()?;
-    let precopied = matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages);
-    if precopied {
-        zero_ram(&shared)?;
-        while matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages) {
-            load_pages(&shared, &next, &mut stats, &mut done, progress)?;
-            next = r.expect_section()?;
-        }
-    }
-    let mut next = Some(next);
+    dest_has_engine: bool,
+) -> Result<StateSections, MigrationError> {
+    let n = dest.vcpus as usize;
+    let mut next = Some(first);
     let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
     let mut engine: Option<EngineSection> = None;
     let mut devices: Vec<crate::devices::DeviceState> = Vec::new();
     let mut global: Option<GlobalSection> = None;
-    let mut pending = loop {
+    let next = loop {
         let s = match next.take() {
             Some(s) => s,
             None => r.expect_section()?,
@@ -542,8 +518,8 @@ pub fn restore_with_global<R: Read>(
         ))
         .into());
     }
-    match (&engine, hv) {
-        (Some(e), Some(_)) => {
+    match (&engine, dest_has_engine) {
+        (Some(e), true) => {
             let enabled = tlfs::msr::ReenlightenmentControl::from_bits(
                 e.state.partition.reenlightenment_control,
             )
@@ -552,21 +528,91 @@ pub fn restore_with_global<R: Read>(
                 return Err(vm_err(REENLIGHTENMENT_NEEDS_TSC_FREQUENCY));
             }
         }
-        (None, None) => {}
-        (Some(_), None) => {
+        (None, false) => {}
+        (Some(_), false) => {
             return Err(StreamError::Mismatch(
                 "the stream has Hyper-V state but this VM runs without the Hyper-V engine"
                     .to_string(),
             )
             .into())
         }
-        (None, Some(_)) => {
+        (None, true) => {
             return Err(StreamError::Mismatch(
                 "the stream has no Hyper-V state but this VM runs the Hyper-V engine".to_string(),
             )
             .into())
         }
     }
+    Ok(StateSections {
+        vcpus,
+        engine,
+        devices,
+        global,
+        next,
+    })
+}
+
+/// Loads a stream into a freshly created, paused machine of the same configuration (`dest` describes it).
+/// Everything is validated (header, config, every vCPU and the engine section, QEMU's re-enlightenment
+/// rule) before guest RAM or any vCPU is touched; a stream that fails later (truncated or corrupted memory)
+/// leaves the machine unusable and the caller must not resume it.
+pub fn restore<R: Read>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    dest: &ConfigSection,
+    input: R,
+    progress: Progress<'_>,
+) -> Result<Stats, MigrationError> {
+    restore_with_global(paused, hv, dest, input, progress).map(|(stats, _)| stats)
+}
+
+/// [`restore`], also returning the source's run state when the stream carries it (live migration).
+pub fn restore_with_global<R: Read>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    dest: &ConfigSection,
+    input: R,
+    progress: Progress<'_>,
+) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
+    let shared = paused.machine().clone();
+    let n = shared.vcpus.len();
+    if paused.vcpus().len() != n {
+        return Err(vm_err("a restore needs every vCPU stopped"));
+    }
+    if dest.vcpus as usize != n {
+        return Err(vm_err("the destination's config does not describe this machine"));
+    }
+    let mut r = StreamReader::new(input)?;
+    let first = r.expect_section()?;
+    if first.kind != SectionKind::Config {
+        return Err(StreamError::Corrupt(format!(
+            "the stream starts with a {} section instead of the config",
+            first.kind.name()
+        ))
+        .into());
+    }
+    let src: ConfigSection = first.json()?;
+    src.check_against(dest)?;
+    // A live migration's pre-copy passes: guest RAM comes before the vCPU and engine state.
+    let total = shared.layout.ram_size;
+    let mut stats = Stats::default();
+    let mut done = 0u64;
+    let mut next = r.expect_section()?;
+    let precopied = matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages);
+    if precopied {
+        zero_ram(&shared)?;
+        while matches!(next.kind, SectionKind::Memory | SectionKind::ZeroPages) {
+            load_pages(&shared, &next, &mut stats, &mut done, progress)?;
+            next = r.expect_section()?;
+        }
+    }
+    let StateSections {
+        vcpus,
+        engine,
+        devices,
+        global,
+        next: mut pending,
+    } = read_state_sections(&mut r, next, dest, hv.is_some())?;
 
     // Guest RAM: a snapshot's memory file mapped copy-on-write, or the stream's pages (after the state in a
     // one-pass stream; a live migration has sent them already).
