@@ -51,7 +51,9 @@ use vmm::migration::format::{
     crc32, ConfigSection, Section, SectionKind, StreamError, StreamReader, StreamWriter,
     FORMAT_VERSION, PAGE_RECORD, PAGE_SIZE,
 };
-use vmm::migration::vm::{EngineSection, GlobalSection, VcpuSection};
+use vmm::migration::vm::{
+    read_state_sections, EngineSection, GlobalSection, MigrationError, StateSections, VcpuSection,
+};
 use vmm::MemoryLayout;
 
 use crate::engine::{next_op, Focus, Harness};
@@ -87,7 +89,11 @@ pub mod stats {
     pub static ENGINES_RESTORED: AtomicU64 = AtomicU64::new(0);
 
     pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        add(c, 1);
+    }
+
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A snapshot, by name.
@@ -363,84 +369,34 @@ fn walk(dest: &Dest, input: impl Read) -> Result<Loaded, StreamError> {
         next = r.expect_section()?;
         check_section_bounds(&next);
     }
-    let mut next = Some(next);
-    let mut vcpus: Vec<VcpuSection> = Vec::with_capacity(n);
-    let mut engine: Option<EngineSection> = None;
-    let mut devices: Vec<DeviceState> = Vec::new();
-    let mut global: Option<GlobalSection> = None;
-    let mut pending = loop {
-        let s = match next.take() {
-            Some(s) => s,
-            None => r.expect_section()?,
-        };
-        check_section_bounds(&s);
-        match s.kind {
-            SectionKind::Vcpu => {
-                let v: VcpuSection = s.json()?;
-                stats::bump(&stats::VCPUS_DECODED);
-                if v.index as usize != vcpus.len() || vcpus.len() >= n {
-                    return Err(StreamError::Corrupt(format!(
-                        "unexpected state for vCPU {} (expected vCPU {} of {n})",
-                        v.index,
-                        vcpus.len()
-                    )));
-                }
-                vcpus.push(v);
-            }
-            SectionKind::Engine => {
-                if engine.is_some() {
-                    return Err(StreamError::Corrupt("two engine sections".to_string()));
-                }
-                engine = Some(s.json()?);
-                stats::bump(&stats::ENGINES_DECODED);
-            }
-            SectionKind::Device => devices.push(s.json()?),
-            SectionKind::GlobalState => {
-                if global.is_some() {
-                    return Err(StreamError::Corrupt(
-                        "two global state sections".to_string(),
-                    ));
-                }
-                global = Some(s.json::<GlobalSection>()?);
-            }
-            SectionKind::Config => {
-                return Err(StreamError::Corrupt("a second config section".to_string()))
-            }
-            SectionKind::Memory
-            | SectionKind::ZeroPages
-            | SectionKind::MemoryFile
-            | SectionKind::End => break s,
-        }
-    };
-    if vcpus.len() != n {
-        return Err(StreamError::Corrupt(format!(
-            "the stream has the state of {} vCPUs, its config says {n}",
-            vcpus.len()
-        )));
-    }
-    match (&engine, dest.config.hyperv) {
-        (Some(e), true) => {
-            let enabled = tlfs::msr::ReenlightenmentControl::from_bits(
-                e.state.partition.reenlightenment_control,
-            )
-            .enable();
-            if enabled && dest.config.user_tsc_khz.is_none() {
-                return Err(StreamError::Mismatch(
-                    "re-enlightenment needs tsc-frequency=".to_string(),
-                ));
-            }
-        }
-        (None, false) => {}
-        (Some(_), false) => {
-            return Err(StreamError::Mismatch(
-                "Hyper-V state without the engine".to_string(),
-            ))
-        }
-        (None, true) => {
-            return Err(StreamError::Mismatch(
-                "no Hyper-V state for the engine".to_string(),
-            ))
-        }
+    // The state sections through restore's own pure walk (vCPU order and count, the engine iff the
+    // destination runs it, QEMU's re-enlightenment rule).
+    let StateSections {
+        vcpus,
+        engine,
+        devices,
+        global: _,
+        next: mut pending,
+    } = read_state_sections(&mut r, next, &dest.config, dest.config.hyperv).map_err(
+        |e| match e {
+            MigrationError::Stream(s) => s,
+            other => StreamError::Mismatch(other.to_string()),
+        },
+    )?;
+    check_section_bounds(&pending);
+    assert_eq!(
+        vcpus.len(),
+        n,
+        "a walk accepted the wrong number of vCPU states"
+    );
+    assert!(
+        vcpus.iter().enumerate().all(|(i, v)| v.index as usize == i),
+        "vCPU states out of order"
+    );
+    assert_eq!(engine.is_some(), dest.config.hyperv);
+    stats::add(&stats::VCPUS_DECODED, vcpus.len() as u64);
+    if engine.is_some() {
+        stats::bump(&stats::ENGINES_DECODED);
     }
     if pending.kind == SectionKind::MemoryFile {
         if precopied {
