@@ -196,6 +196,21 @@ mod tests {
 
     use crate::test_support::{NoDevices, NoKernel};
 
+    /// A 1 MiB, 1-vCPU machine (its guest memory is what the PV-EOI code reads and writes), or `None`
+    /// without a usable /dev/kvm.
+    fn one_vcpu_machine() -> Option<(Machine, Vec<kvm_ioctls::VcpuFd>)> {
+        let cfg = VmConfig {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ..VmConfig::default()
+        };
+        let m = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)).ok();
+        if m.is_none() {
+            eprintln!("skipped: no usable /dev/kvm");
+        }
+        m
+    }
+
     fn enabled_apic() -> LocalApic {
         let mut a = LocalApic::new(0, ApicConfig::default());
         // SPIV: software-enable.
@@ -276,13 +291,7 @@ mod tests {
 
     #[test]
     fn offers_and_completes_like_kvm() {
-        let cfg = VmConfig {
-            ram_size: 1 << 20,
-            vcpus: 1,
-            ..VmConfig::default()
-        };
-        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
-            eprintln!("skipped: no usable /dev/kvm");
+        let Some((m, _fds)) = one_vcpu_machine() else {
             return;
         };
         let h = m.handle();
@@ -335,13 +344,7 @@ mod tests {
 
     #[test]
     fn disabled_page_or_page_outside_ram_never_offers() {
-        let cfg = VmConfig {
-            ram_size: 1 << 20,
-            vcpus: 1,
-            ..VmConfig::default()
-        };
-        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
-            eprintln!("skipped: no usable /dev/kvm");
+        let Some((m, _fds)) = one_vcpu_machine() else {
             return;
         };
         let h = m.handle();
@@ -368,13 +371,7 @@ mod tests {
     /// EOI and a set bit is not (and is cleared in the old page).
     #[test]
     fn page_changed_while_an_exit_less_eoi_is_pending() {
-        let cfg = VmConfig {
-            ram_size: 1 << 20,
-            vcpus: 1,
-            ..VmConfig::default()
-        };
-        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
-            eprintln!("skipped: no usable /dev/kvm");
+        let Some((m, _fds)) = one_vcpu_machine() else {
             return;
         };
         let h = m.handle();
