@@ -580,7 +580,9 @@ pub fn restore_with_global<R: Read>(
         return Err(vm_err("a restore needs every vCPU stopped"));
     }
     if dest.vcpus as usize != n {
-        return Err(vm_err("the destination's config does not describe this machine"));
+        return Err(vm_err(
+            "the destination's config does not describe this machine",
+        ));
     }
     let mut r = StreamReader::new(input)?;
     let first = r.expect_section()?;
