@@ -6,7 +6,8 @@
 # in a new process, under:
 #   - enlighten, Firecracker-style snapshot: QMP x-snapshot-save (state file + sparse raw memory file), restored
 #     with `enlighten restore STATE`, which maps the memory file MAP_PRIVATE;
-#   - enlighten, checksummed stream: QMP migrate file:PATH, restored with -incoming file:PATH;
+#   - enlighten, checksummed stream: QMP migrate file:PATH (max-bandwidth unlimited, as for QEMU), restored
+#     with -incoming file:PATH;
 #   - QEMU 7.2 (-accel kvm): QMP migrate exec:cat>PATH (max-bandwidth unlimited; QEMU 7.2 has no file: URI),
 #     restored with -incoming "exec:cat PATH".
 # Save time: from the save command to query-migrate "completed" (polled every 2 ms). Restore latency: from
@@ -120,11 +121,13 @@ def save(vmm, kind, q, path):
             os.remove(f)
     if kind == "snapshot":
         q.cmd("x-snapshot-save", {"state": path, "memory": path + ".mem"})
-    elif vmm == "qemu":
-        q.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-        q.cmd("migrate", {"uri": f"exec:cat > {path}"})
     else:
-        q.cmd("migrate", {"uri": f"file:{path}"})
+        # Both VMMs default to QEMU's 128 MiB/s migration rate limit; lift it for both.
+        q.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        if vmm == "qemu":
+            q.cmd("migrate", {"uri": f"exec:cat > {path}"})
+        else:
+            q.cmd("migrate", {"uri": f"file:{path}"})
     t0 = time.monotonic()
     while True:
         r = q.cmd("query-migrate")
