@@ -117,6 +117,24 @@ static void group_vp_runtime(void)
     report(wrmsr_safe(HV_MSR_VP_RUNTIME, 0) == GP_FAULT, "VP_RUNTIME is read-only");
 }
 
+/* TIME_REF_COUNT and the TSC at the same moment: the reading of 8 tries whose surrounding TSC reads are
+ * closest together, with the midpoint of those as its TSC value. */
+static u64 ref_count_at(u64 *tsc)
+{
+    u64 best_width = ~0ULL, best = 0;
+    for (int i = 0; i < 8; i++) {
+        u64 a = rdtsc();
+        u64 r = rd(HV_MSR_TIME_REF_COUNT);
+        u64 b = rdtsc();
+        if (b - a < best_width) {
+            best_width = b - a;
+            best = r;
+            *tsc = a + (b - a) / 2;
+        }
+    }
+    return best;
+}
+
 static void group_time_ref_count(void)
 {
     static const u32 msrs[] = {HV_MSR_TIME_REF_COUNT};
@@ -130,10 +148,11 @@ static void group_time_ref_count(void)
      * when it is readable. */
     u64 hz = 0;
     if (rdmsr_safe(HV_MSR_TSC_FREQUENCY, &hz) == 0 && hz) {
-        u64 t0 = rdtsc(), r0 = rd(HV_MSR_TIME_REF_COUNT), r1, t1;
+        /* Each reading is paired with the TSC midway between two TSC reads around it (the narrowest of a
+         * few tries), so a host delay of the exit itself does not count as reference time. */
+        u64 t0, r0 = ref_count_at(&t0), r1, t1;
         do {
-            r1 = rd(HV_MSR_TIME_REF_COUNT);
-            t1 = rdtsc();
+            r1 = ref_count_at(&t1);
         } while (r1 - r0 < 200000);
         u64 expect = (t1 - t0) * 10 / (hz / 1000000); /* TSC ticks → 100 ns units */
         u64 diff = expect > r1 - r0 ? expect - (r1 - r0) : (r1 - r0) - expect;
