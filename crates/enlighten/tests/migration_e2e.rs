@@ -154,6 +154,16 @@ impl Source {
         Source { child, qmp }
     }
 
+    /// Kills a migrated source and checks that its guest had not finished yet, i.e. that the migration
+    /// happened while the guest ran.
+    fn kill_unfinished(self) {
+        let (_, out, _) = self.finish(true);
+        assert!(
+            !out.contains("SUMMARY:"),
+            "the source's guest finished before the migration:\n{out}"
+        );
+    }
+
     /// Kills the source and returns its output.
     fn finish(mut self, kill: bool) -> (Option<i32>, String, String) {
         if kill {
@@ -224,11 +234,7 @@ fn snapshot(tag: &str) -> PathBuf {
         q["ram"]["duplicate"].as_u64().unwrap_or(0) > 0,
         "zero pages elided: {q}"
     );
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "the source finished before it was saved; the test saves too late:\n{out}"
-    );
+    src.kill_unfinished();
     file
 }
 
@@ -267,11 +273,7 @@ fn live_migration_over_a_unix_socket() {
     std::thread::sleep(Duration::from_millis(800));
     let q = src.qmp.migrate(&spec);
     assert_eq!(q["status"], "completed", "{q}");
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "source finished too early:\n{out}"
-    );
+    src.kill_unfinished();
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
@@ -493,11 +495,7 @@ fn live_migration_over_tcp() {
     std::thread::sleep(Duration::from_millis(800));
     let q = src.qmp.migrate_when_listening(&spec);
     assert_eq!(q["status"], "completed", "{q}");
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "source finished too early:\n{out}"
-    );
+    src.kill_unfinished();
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
@@ -594,11 +592,7 @@ fn incoming_defer_then_migrate_incoming() {
     // QEMU's destination reports only the status.
     let q = dq.cmd("query-migrate", json!({}));
     assert_eq!(q["return"], json!({"status": "completed"}), "{q}");
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "source finished too early:\n{out}"
-    );
+    src.kill_unfinished();
     let o = dst.join().expect("destination thread");
     assert_guest_finished(&o);
 }
@@ -655,11 +649,7 @@ fn a_periodic_stimer_keeps_its_phase_across_migration() {
     std::thread::sleep(Duration::from_millis(300));
     let q = src.qmp.migrate(&spec);
     assert_eq!(q["status"], "completed", "{q}");
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "the migration must happen during the periodic run:\n{out}"
-    );
+    src.kill_unfinished();
     let o = dst.join().expect("destination thread");
     assert_passed_with(
         &o,
@@ -692,11 +682,7 @@ fn cli_snapshot_and_restore() {
         err.contains("100% 128/128 MiB") && err.contains("snapshot written to"),
         "{err}"
     );
-    let (_, sout, _) = src.finish(true);
-    assert!(
-        !sout.contains("SUMMARY:"),
-        "source finished too early:\n{sout}"
-    );
+    src.kill_unfinished();
     let mut args = vec!["restore".to_string(), file.display().to_string()];
     args.extend(guest_args(CPU, &[]));
     let o = run_raw(&args);
@@ -823,11 +809,7 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     std::thread::sleep(Duration::from_millis(800));
     let q = src.qmp.migrate_when_listening(&spec);
     assert_eq!(q["status"], "completed", "{q}");
-    let (_, out, _) = src.finish(true);
-    assert!(
-        !out.contains("SUMMARY:"),
-        "source finished too early:\n{out}"
-    );
+    src.kill_unfinished();
     let (status, stdout, stderr) = dst.join().expect("destination thread");
     let o = Outcome {
         command: "ip netns exec B enlighten -incoming tcp:...".into(),
