@@ -539,12 +539,7 @@ impl MigrationControl {
                 save(Box::new(f))
             }
             Uri::Exec(cmd) => {
-                let mut child = std::process::Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()
-                    .map_err(|e| format!("cannot run '{cmd}': {e}"))?;
+                let mut child = spawn_shell(cmd, |c| c.stdin(std::process::Stdio::piped()))?;
                 let stdin = child
                     .stdin
                     .take()
@@ -611,12 +606,7 @@ impl MigrationControl {
                 load(Box::new(f)).map_err(|e| e.to_string())
             }
             Uri::Exec(cmd) => {
-                let mut child = std::process::Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdout(std::process::Stdio::piped())
-                    .spawn()
-                    .map_err(|e| format!("cannot run '{cmd}': {e}"))?;
+                let mut child = spawn_shell(cmd, |c| c.stdout(std::process::Stdio::piped()))?;
                 let out = child
                     .stdout
                     .take()
@@ -894,6 +884,18 @@ pub fn restore_main(args: &[String]) -> std::process::ExitCode {
     run_args.push("-incoming".to_string());
     run_args.push(format!("file:{file}"));
     crate::run::main(run_args)
+}
+
+/// Runs `cmd` with `/bin/sh -c` (QMP's `exec:` transport); `pipe` sets up the end the stream goes through.
+fn spawn_shell(
+    cmd: &str,
+    pipe: impl FnOnce(&mut std::process::Command) -> &mut std::process::Command,
+) -> Result<std::process::Child, String> {
+    let mut c = std::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    pipe(&mut c)
+        .spawn()
+        .map_err(|e| format!("cannot run '{cmd}': {e}"))
 }
 
 /// `[#####.....]  40% 51/128 MiB`.
