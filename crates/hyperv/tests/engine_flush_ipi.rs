@@ -439,6 +439,7 @@ fn send_ipi_statuses() {
 
 /// KVM's selftest `hyperv_ipi`: receivers with VP indexes 2 and 65, every call form.
 #[test]
+#[rustfmt::skip] // one call per line: the table of KVM selftest steps
 fn kvm_selftest_ipi_sequence() {
     let e = engine_with(HvCpuid::ALL, true, vec![0, 2, 65]);
     let v = 0xFEu64;
@@ -448,84 +449,18 @@ fn kvm_selftest_ipi_sequence() {
         let rec = e.platform().take_record();
         let got: BTreeSet<VpId> = rec.interrupts.iter().map(|&(vp, _, _)| vp).collect();
         assert_eq!(got, vps(want).into_iter().collect(), "{ctl:#x}");
-        assert!(rec
-            .interrupts
-            .iter()
-            .all(|&(_, vec, _)| u64::from(vec) == v));
+        assert!(rec.interrupts.iter().all(|&(_, vec, _)| u64::from(vec) == v));
     };
-    run(
-        control(IPI, false, 0, 0, 0),
-        IN,
-        0,
-        None,
-        &[v, 1 << 2],
-        &[1],
-    );
+    run(control(IPI, false, 0, 0, 0), IN, 0, None, &[v, 1 << 2], &[1]);
     run(control(IPI, true, 0, 0, 0), v, 1 << 2, None, &[], &[1]);
-    run(
-        control(IPI_EX, false, 1, 0, 0),
-        IN,
-        0,
-        None,
-        &[v, 0, 1, 1 << 2],
-        &[1],
-    );
-    run(
-        control(IPI_EX, true, 1, 0, 0),
-        v,
-        0,
-        Some(xmm(&[1, 1 << 2])),
-        &[],
-        &[1],
-    );
-    run(
-        control(IPI_EX, false, 1, 0, 0),
-        IN,
-        0,
-        None,
-        &[v, 0, 0b10, 1 << 1],
-        &[2],
-    );
-    run(
-        control(IPI_EX, true, 1, 0, 0),
-        v,
-        0,
-        Some(xmm(&[0b10, 1 << 1])),
-        &[],
-        &[2],
-    );
-    run(
-        control(IPI_EX, false, 2, 0, 0),
-        IN,
-        0,
-        None,
-        &[v, 0, 0b11, 1 << 2, 1 << 1],
-        &[1, 2],
-    );
-    run(
-        control(IPI_EX, true, 2, 0, 0),
-        v,
-        0,
-        Some(xmm(&[0b11, 1 << 2, 1 << 1])),
-        &[],
-        &[1, 2],
-    );
-    run(
-        control(IPI_EX, false, 0, 0, 0),
-        IN,
-        0,
-        None,
-        &[v, 1, 0],
-        &[0, 1, 2],
-    );
-    run(
-        control(IPI_EX, true, 0, 0, 0),
-        v,
-        1,
-        Some(xmm(&[0])),
-        &[],
-        &[0, 1, 2],
-    );
+    run(control(IPI_EX, false, 1, 0, 0), IN, 0, None, &[v, 0, 1, 1 << 2], &[1]);
+    run(control(IPI_EX, true, 1, 0, 0), v, 0, Some(xmm(&[1, 1 << 2])), &[], &[1]);
+    run(control(IPI_EX, false, 1, 0, 0), IN, 0, None, &[v, 0, 0b10, 1 << 1], &[2]);
+    run(control(IPI_EX, true, 1, 0, 0), v, 0, Some(xmm(&[0b10, 1 << 1])), &[], &[2]);
+    run(control(IPI_EX, false, 2, 0, 0), IN, 0, None, &[v, 0, 0b11, 1 << 2, 1 << 1], &[1, 2]);
+    run(control(IPI_EX, true, 2, 0, 0), v, 0, Some(xmm(&[0b11, 1 << 2, 1 << 1])), &[], &[1, 2]);
+    run(control(IPI_EX, false, 0, 0, 0), IN, 0, None, &[v, 1, 0], &[0, 1, 2]);
+    run(control(IPI_EX, true, 0, 0, 0), v, 1, Some(xmm(&[0])), &[], &[0, 1, 2]);
 }
 
 /// KVM's selftest `hyperv_tlb_flush`: workers with VP indexes 2 and 65, every call in slow and XMM fast form.
