@@ -5,6 +5,9 @@
 //! - Reading reference time from the TSC page at CPL 3 causes no exit: two runs of the same guest that differ
 //!   only in the number of page reads (10^3 vs 10^6) take exactly as many exits.
 
+mod guest_common;
+use guest_common::qemu_style_args;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,28 +42,11 @@ fn run(program: &str, smp: u32, append: &str, stats: bool) -> Run {
     let kernel = enlighten_guests::kernel_path(program)
         .unwrap_or_else(|| panic!("no guest program named {program:?}"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_enlighten"));
-    cmd.args([
-        "--no-reboot",
-        "-nodefaults",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x4",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-cpu",
-        CPU,
-        "-smp",
-        &smp.to_string(),
-        "-kernel",
-        kernel,
-        "-append",
-        append,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .env_remove("ENLIGHTEN_STATS");
+    cmd.args(qemu_style_args(kernel, smp, Some(append), &["-cpu", CPU]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("ENLIGHTEN_STATS");
     if stats {
         cmd.env("ENLIGHTEN_STATS", "1");
     }
