@@ -150,6 +150,19 @@ pub fn hex_bytes(bytes: &[u8]) -> String {
         .join(" ")
 }
 
+/// The part of an emulation-failure report that names the bytes KVM's emulator fetched, when KVM supplied them
+/// (`ndata` covers the flags and `flags` has `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`). Those are the
+/// bytes the emulator failed on; guest memory may hold other bytes by the time the VMM reads it (code rewritten by
+/// another vCPU), so both are worth printing. Empty when KVM gave none.
+pub fn emulation_failure_bytes(ndata: u32, flags: u64, size: u8, bytes: &[u8; 15]) -> String {
+    let flag = u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);
+    if ndata < 3 || flags & flag == 0 || size == 0 {
+        return String::new();
+    }
+    let n = usize::from(size).min(bytes.len());
+    format!(", fetched bytes {}", hex_bytes(&bytes[..n]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +227,37 @@ mod tests {
         assert_eq!(instruction_bytes(&m, &regs, &flat, 4), vec![0, 1, 2, 3]);
         assert_eq!(hex_bytes(&[0xf0, 0x48, 0x0f]), "f0 48 0f");
         assert_eq!(hex_bytes(&[]), "(unreadable)");
+    }
+
+    #[test]
+    fn emulation_failure_bytes_only_when_kvm_supplied_them() {
+        let mut b = [0u8; 15];
+        b[..3].copy_from_slice(&[0x0F, 0xE4, 0xC3]);
+        let cases: &[(u32, u64, u8, &str)] = &[
+            (3, 1, 3, ", fetched bytes 0f e4 c3"),
+            (3, 1, 2, ", fetched bytes 0f e4"),
+            (
+                4,
+                3,
+                15,
+                ", fetched bytes 0f e4 c3 00 00 00 00 00 00 00 00 00 00 00 00",
+            ),
+            (
+                3,
+                1,
+                200,
+                ", fetched bytes 0f e4 c3 00 00 00 00 00 00 00 00 00 00 00 00",
+            ),
+            (2, 1, 3, ""),
+            (3, 0, 3, ""),
+            (3, 1, 0, ""),
+        ];
+        for &(ndata, flags, size, want) in cases {
+            assert_eq!(
+                emulation_failure_bytes(ndata, flags, size, &b),
+                want,
+                "{ndata} {flags} {size}"
+            );
+        }
     }
 }

@@ -948,9 +948,25 @@ impl Ctx {
                     4 => "unexpected exit",
                     _ => "internal error",
                 };
+                let fetched = if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    // SAFETY: the suberror is KVM_INTERNAL_ERROR_EMULATION, for which KVM fills the
+                    // `emulation_failure` member of the union (a plain-data struct; its bytes are only used
+                    // when KVM set the instruction-bytes flag).
+                    let ef = unsafe { fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
+                    // SAFETY: the inner union has a single plain-data member.
+                    let insn = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                    diag::emulation_failure_bytes(
+                        internal.ndata,
+                        ef.flags,
+                        insn.insn_size,
+                        &insn.insn_bytes,
+                    )
+                } else {
+                    String::new()
+                };
                 let dump = self.dump(fd);
                 let err = format!(
-                    "KVM internal error on vCPU {index}: suberror {} ({what}); {dump}",
+                    "KVM internal error on vCPU {index}: suberror {} ({what}){fetched}; {dump}",
                     internal.suberror
                 );
                 self.me().lock().run = RunState::Stopped;
