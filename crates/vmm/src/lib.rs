@@ -16,6 +16,7 @@ pub mod migration;
 pub mod platform;
 #[cfg(test)]
 mod test_support;
+pub mod throttle;
 pub mod timer;
 pub mod tlbflush;
 mod vcpu;

@@ -422,6 +422,8 @@ pub(crate) struct VmShared {
     pub lifecycle_hook: OnceLock<Arc<dyn crate::lifecycle::LifecycleHook>>,
     /// Bumped by every reset, which rewrites guest RAM where KVM's dirty log cannot see it (migration).
     pub ram_epoch: AtomicU64,
+    /// vCPU throttle of live migration's auto-converge (off unless a migration set it).
+    pub throttle: crate::throttle::CpuThrottle,
 }
 
 impl VmShared {
@@ -1124,6 +1126,7 @@ impl Machine {
             rendezvous: Mutex::new(()),
             lifecycle_hook: OnceLock::new(),
             ram_epoch: AtomicU64::new(0),
+            throttle: Default::default(),
         });
 
         // Load the kernel and set the BSP's entry state.

@@ -222,6 +222,8 @@ struct Ctx {
     /// While halted with IF=1: this thread watches its own APIC and hook timers (claimed from their timer
     /// threads), and the earliest deadline (machine-clock ns) is its sleep's timeout.
     halt_claim: Option<Option<u64>>,
+    /// Auto-converge: this vCPU's sleeps (see [`crate::throttle`]).
+    throttle: crate::throttle::VcpuThrottle,
 }
 
 /// A deferred action that needs the vCPU fd, which the exit value borrows.
@@ -281,6 +283,7 @@ pub(crate) fn thread_main(shared: Arc<VmShared>, index: usize, mut fd: VcpuFd, i
         needs_completion: false,
         reported_stuck: false,
         halt_claim: None,
+        throttle: Default::default(),
     };
     let result = ctx.run_loop(&mut fd);
     me.kicker.unpublish();
@@ -587,6 +590,12 @@ impl Ctx {
                         continue;
                     }
                     RunState::Runnable => {}
+                }
+                if let Some(d) = self.throttle.before_entry(&shared.throttle) {
+                    // Auto-converge: sleep before the next entry. A kick (pause, stop, interrupt) ends the wait
+                    // early and the loop re-checks everything first.
+                    st = me.wake.wait_timeout(st, d).unwrap_or_else(|e| e.into_inner()).0;
+                    continue;
                 }
                 self.reported_stuck = false;
                 let _ = st.apic.take_sipi();

@@ -7,17 +7,20 @@
 //! sync k     KVM's dirty log ∪ the pages the VMM wrote (engine, PV EOI) ∪ all of RAM after a reset
 //!                                                                              MIGRATION_PASS k
 //!            converge when remaining / bandwidth <= downtime limit, or after MAX_SYNCS syncs
+//!            auto-converge: at the first sync 1 s or more after the last period, the period's dirtied bytes
+//!            against its sent bytes may throttle the vCPUs (see [`ConvergeTrigger`])
 //! pass k     the pages dirtied since sync k-1 (zero pages as ZeroPages records), rate-limited
 //! stop       every vCPU stopped through the rendezvous (pending exits completed); a last sync
 //!            (MIGRATION_PASS), the last dirty pages without rate limit, vCPU/device/engine state, the
 //!            source's run state (GlobalState), End
 //! ```
 //!
-//! The caller gets the stopped vCPUs back ([`Paused`]) and keeps the source paused until the destination
+//! With auto-converge the vCPUs stay throttled until the stop-and-copy pass stops them, or until the save fails
+//! or is cancelled. The caller gets the stopped vCPUs back ([`Paused`]) and keeps the source paused until the destination
 //! confirms; dirty logging is turned off whatever the outcome.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,6 +69,8 @@ pub struct LiveStats {
     pub expected_downtime_ms: u64,
     /// Time from the start of the save to pass 1 (ms).
     pub setup_ms: u64,
+    /// The vCPU throttle of auto-converge in force (%; 0: not throttling).
+    pub cpu_throttle_percentage: u8,
 }
 
 /// Settings and controls shared between a running live save and its owner (QMP `migrate-set-parameters`
@@ -78,6 +83,14 @@ pub struct LiveControl {
     pub max_bandwidth: AtomicU64,
     /// The downtime the source may be stopped for (ms); pre-copy ends when the estimate is below it.
     pub downtime_limit_ms: AtomicU64,
+    /// QEMU's `auto-converge` capability: throttle the vCPUs when pre-copy does not converge.
+    pub auto_converge: AtomicBool,
+    /// Auto-converge's parameters (QMP `migrate-set-parameters` changes them while the save runs).
+    pub cpu_throttle_initial: AtomicU8,
+    pub cpu_throttle_increment: AtomicU8,
+    pub max_cpu_throttle: AtomicU8,
+    pub throttle_trigger_threshold: AtomicU8,
+    pub cpu_throttle_tailslow: AtomicBool,
     stats: Mutex<LiveStats>,
 }
 
@@ -87,6 +100,12 @@ impl Default for LiveControl {
             cancel: AtomicBool::new(false),
             max_bandwidth: AtomicU64::new(DEFAULT_MAX_BANDWIDTH),
             downtime_limit_ms: AtomicU64::new(DEFAULT_DOWNTIME_LIMIT_MS),
+            auto_converge: AtomicBool::new(false),
+            cpu_throttle_initial: AtomicU8::new(ThrottleParams::QEMU.initial),
+            cpu_throttle_increment: AtomicU8::new(ThrottleParams::QEMU.increment),
+            max_cpu_throttle: AtomicU8::new(ThrottleParams::QEMU.max),
+            throttle_trigger_threshold: AtomicU8::new(ThrottleParams::QEMU.trigger_threshold),
+            cpu_throttle_tailslow: AtomicBool::new(ThrottleParams::QEMU.tailslow),
             stats: Mutex::new(LiveStats::default()),
         }
     }
@@ -96,6 +115,29 @@ impl LiveControl {
     /// The statistics so far.
     pub fn stats(&self) -> LiveStats {
         *self.lock()
+    }
+
+    /// Auto-converge's parameters in force.
+    pub fn throttle_params(&self) -> ThrottleParams {
+        ThrottleParams {
+            initial: self.cpu_throttle_initial.load(Ordering::SeqCst),
+            increment: self.cpu_throttle_increment.load(Ordering::SeqCst),
+            max: self.max_cpu_throttle.load(Ordering::SeqCst),
+            trigger_threshold: self.throttle_trigger_threshold.load(Ordering::SeqCst),
+            tailslow: self.cpu_throttle_tailslow.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Sets auto-converge's parameters (a running save uses them from its next period).
+    pub fn set_throttle_params(&self, p: &ThrottleParams) {
+        self.cpu_throttle_initial.store(p.initial, Ordering::SeqCst);
+        self.cpu_throttle_increment
+            .store(p.increment, Ordering::SeqCst);
+        self.max_cpu_throttle.store(p.max, Ordering::SeqCst);
+        self.throttle_trigger_threshold
+            .store(p.trigger_threshold, Ordering::SeqCst);
+        self.cpu_throttle_tailslow
+            .store(p.tailslow, Ordering::SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, LiveStats> {
@@ -112,6 +154,158 @@ impl LiveControl {
         } else {
             Ok(())
         }
+    }
+}
+
+/// QEMU's auto-converge parameters (`migrate-set-parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleParams {
+    /// `cpu-throttle-initial`: the first throttle (%, 1..=99).
+    pub initial: u8,
+    /// `cpu-throttle-increment`: added at each later trigger (%, 1..=99).
+    pub increment: u8,
+    /// `max-cpu-throttle`: the highest throttle (%, `initial`..=99).
+    pub max: u8,
+    /// `throttle-trigger-threshold`: a period is "high" when it dirtied more than this share of the bytes it
+    /// sent (%, 1..=100).
+    pub trigger_threshold: u8,
+    /// `cpu-throttle-tailslow`: smaller increments near convergence (the increment that would bring the dirty
+    /// rate down to the threshold, at most `increment`).
+    pub tailslow: bool,
+}
+
+impl ThrottleParams {
+    /// QEMU's defaults.
+    pub const QEMU: ThrottleParams = ThrottleParams {
+        initial: 20,
+        increment: 10,
+        max: 99,
+        trigger_threshold: 50,
+        tailslow: false,
+    };
+}
+
+impl Default for ThrottleParams {
+    fn default() -> Self {
+        ThrottleParams::QEMU
+    }
+}
+
+/// The shortest auto-converge period: QEMU evaluates the dirty rate at the first dirty sync that comes 1 s or
+/// more after the previous evaluation.
+pub const CONVERGE_PERIOD: Duration = Duration::from_secs(1);
+
+/// QEMU's auto-converge trigger: at the end of each period, the bytes the guest dirtied are compared with the
+/// bytes sent in the same period. Every second period where the dirtied bytes exceed `trigger_threshold` % of
+/// the sent ones (counted since the last trigger, not necessarily in a row) starts the throttle at
+/// `initial` % or raises it (see [`throttle_down`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConvergeTrigger {
+    high_periods: u32,
+}
+
+impl ConvergeTrigger {
+    /// A period ended with `dirty` bytes dirtied and `sent` bytes sent, the throttle at `current` % (0: off).
+    /// Returns the new throttle when it changes.
+    pub fn period_ended(
+        &mut self,
+        p: &ThrottleParams,
+        current: u8,
+        dirty: u64,
+        sent: u64,
+    ) -> Option<u8> {
+        let threshold = (u128::from(sent) * u128::from(p.trigger_threshold) / 100) as u64;
+        if dirty <= threshold {
+            return None;
+        }
+        self.high_periods += 1;
+        if self.high_periods < 2 {
+            return None;
+        }
+        self.high_periods = 0;
+        let next = throttle_down(p, current, dirty, threshold);
+        (next != current).then_some(next)
+    }
+}
+
+/// The next throttle after a trigger: `initial` when not throttling yet, else the current one plus `increment`
+/// (with `tailslow`: plus the increment that would bring `dirty` down to `threshold`, if smaller), at most
+/// `max`; always within 1..=99.
+pub fn throttle_down(p: &ThrottleParams, current: u8, dirty: u64, threshold: u64) -> u8 {
+    let next = if current == 0 {
+        u64::from(p.initial)
+    } else {
+        let current = u64::from(current.min(99));
+        let increment = if p.tailslow && dirty > 0 {
+            let cpu_now = 100 - current;
+            let cpu_ideal = (cpu_now as f64 * (threshold as f64 / dirty as f64)) as u64;
+            cpu_now
+                .saturating_sub(cpu_ideal)
+                .min(u64::from(p.increment))
+        } else {
+            u64::from(p.increment)
+        };
+        (current + increment).min(u64::from(p.max))
+    };
+    next.clamp(1, u64::from(crate::throttle::MAX_PERCENTAGE)) as u8
+}
+
+/// Auto-converge during one save: the period accounting and the throttle (off again when dropped).
+struct AutoConverge<'a> {
+    ctl: &'a LiveControl,
+    shared: &'a std::sync::Arc<VmShared>,
+    trigger: ConvergeTrigger,
+    run: Option<crate::throttle::ThrottleRun>,
+    period_start: Instant,
+    period_sent0: u64,
+    period_dirty_pages: u64,
+}
+
+impl<'a> AutoConverge<'a> {
+    fn new(ctl: &'a LiveControl, shared: &'a std::sync::Arc<VmShared>) -> Self {
+        AutoConverge {
+            ctl,
+            shared,
+            trigger: ConvergeTrigger::default(),
+            run: None,
+            period_start: Instant::now(),
+            period_sent0: 0,
+            period_dirty_pages: 0,
+        }
+    }
+
+    /// A pre-copy sync found `dirty_pages` new dirty pages, with `sent` stream bytes written so far.
+    fn synced(&mut self, dirty_pages: u64, sent: u64) {
+        self.period_dirty_pages += dirty_pages;
+        if self.period_start.elapsed() < CONVERGE_PERIOD {
+            return;
+        }
+        let dirty = self.period_dirty_pages * PAGE_SIZE as u64;
+        let period_sent = sent.saturating_sub(self.period_sent0);
+        self.period_start = Instant::now();
+        self.period_sent0 = sent;
+        self.period_dirty_pages = 0;
+        if !self.ctl.auto_converge.load(Ordering::SeqCst) {
+            return;
+        }
+        let current = self.run.as_ref().map_or(0, |r| r.percentage());
+        let p = self.ctl.throttle_params();
+        if let Some(next) = self.trigger.period_ended(&p, current, dirty, period_sent) {
+            let run = self
+                .run
+                .get_or_insert_with(|| crate::throttle::ThrottleRun::new(self.shared.clone()));
+            let pct = run.set(next);
+            tracing::debug!(pct, dirty, period_sent, "auto-converge: vCPUs throttled");
+            self.ctl.update(|s| s.cpu_throttle_percentage = pct);
+        }
+    }
+}
+
+impl Drop for AutoConverge<'_> {
+    fn drop(&mut self) {
+        // Throttling ends with the pre-copy (stop-and-copy, failure or cancel).
+        self.run = None;
+        self.ctl.update(|s| s.cpu_throttle_percentage = 0);
     }
 }
 
@@ -423,6 +617,7 @@ pub fn save_live<W: Write>(
     });
     events.pass(syncs);
     let mut throttle = Throttle::new();
+    let mut converge = AutoConverge::new(ctl, vm.shared());
     throttle.account(w.written(), ctl)?;
 
     // Pre-copy.
@@ -479,6 +674,7 @@ pub fn save_live<W: Write>(
         });
         events.pass(syncs);
         ctl.cancelled()?;
+        converge.synced(n, w.written());
         let limit = ctl.downtime_limit_ms.load(Ordering::SeqCst);
         if expected_ms <= limit || syncs >= MAX_SYNCS {
             tracing::debug!(syncs, remaining, bandwidth, expected_ms, "pre-copy ends");
@@ -504,6 +700,7 @@ pub fn save_live<W: Write>(
     // Stop-and-copy.
     let running = events.stopping();
     let paused = vm.pause_all();
+    drop(converge);
     ctl.cancelled()?;
     sync(shared, hv, &mut dirty, &mut epoch)?;
     syncs += 1;
@@ -590,6 +787,86 @@ mod tests {
         assert_eq!(all.len() as u64, pages);
         assert_eq!(all.last(), Some(&(high + (512 << 20) - PAGE_SIZE as u64)));
         assert!(all.iter().all(|&g| layout.contains(g, PAGE_SIZE as u64)));
+    }
+
+    #[test]
+    fn throttle_down_follows_qemu() {
+        let q = ThrottleParams::QEMU;
+        let tail = ThrottleParams {
+            tailslow: true,
+            ..q
+        };
+        let custom = ThrottleParams {
+            initial: 50,
+            increment: 30,
+            max: 95,
+            ..q
+        };
+        // (params, current %, dirty bytes, threshold bytes, next %)
+        let cases: &[(ThrottleParams, u8, u64, u64, u8)] = &[
+            (q, 0, 100, 50, 20),
+            (q, 20, 100, 50, 30),
+            (q, 90, 100, 50, 99),
+            (q, 99, 100, 50, 99),
+            (custom, 0, 100, 50, 50),
+            (custom, 50, 100, 50, 80),
+            (custom, 80, 100, 50, 95),
+            // Tailslow: 80 % of CPU now, ideal 80 * 50 / 100 = 40: 40 more, at most the increment (10).
+            (tail, 20, 100, 50, 30),
+            // 40 % of CPU now, ideal 40 * 95 / 100 = 38: 2 more.
+            (tail, 60, 100, 95, 62),
+            // 10 % now, ideal 9.9 truncated to 9: 1 more.
+            (tail, 90, 100, 99, 91),
+            (tail, 0, 100, 99, 20),
+            // Out-of-range inputs are clamped, never a panic.
+            (q, 200, 100, 50, 99),
+            (ThrottleParams { initial: 0, ..q }, 0, 1, 0, 1),
+        ];
+        for &(p, current, dirty, threshold, next) in cases {
+            assert_eq!(
+                throttle_down(&p, current, dirty, threshold),
+                next,
+                "{p:?} at {current} %, {dirty}/{threshold}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_trigger_fires_every_second_high_period() {
+        let q = ThrottleParams::QEMU;
+        // (current %, dirty, sent, expected new throttle) in sequence: a period is high when dirty > 50 % of
+        // sent; every second high one (low ones in between do not reset the count) throttles.
+        let steps: &[(u8, u64, u64, Option<u8>)] = &[
+            (0, 50, 100, None),        // exactly the threshold: low
+            (0, 51, 100, None),        // high #1
+            (0, 10, 100, None),        // low
+            (0, 51, 100, Some(20)),    // high #2: start at 20 %
+            (20, 1000, 100, None),     // high #1
+            (20, 1000, 100, Some(30)), // high #2: +10
+            (30, 0, 0, None),          // nothing sent, nothing dirtied: low
+            (30, 1, 0, None),          // nothing sent but dirtied: high #1
+            (30, u64::MAX, u64::MAX, Some(40)),
+            (99, 10, 1, None),
+            (99, 10, 1, None), // at the maximum: no change to report
+        ];
+        let mut t = ConvergeTrigger::default();
+        for (i, &(current, dirty, sent, expected)) in steps.iter().enumerate() {
+            assert_eq!(
+                t.period_ended(&q, current, dirty, sent),
+                expected,
+                "step {i}: {current} %, {dirty}/{sent}"
+            );
+        }
+        // Another threshold: 100 % needs more dirtied than sent.
+        let p = ThrottleParams {
+            trigger_threshold: 100,
+            ..q
+        };
+        let mut t = ConvergeTrigger::default();
+        assert_eq!(t.period_ended(&p, 0, 100, 100), None);
+        assert_eq!(t.period_ended(&p, 0, 100, 100), None);
+        assert_eq!(t.period_ended(&p, 0, 101, 100), None);
+        assert_eq!(t.period_ended(&p, 0, 101, 100), Some(20));
     }
 
     #[test]
