@@ -1,7 +1,9 @@
 /*
  * The Hyper-V hypercall ABI through the page the VMM wrote (64-bit convention): statuses for unknown codes,
  * reserved control bits, misaligned GPAs and GPAs outside RAM, NotifyLongSpinWait, garbage in unused registers,
- * and every register except RAX preserved across the call.
+ * and every register except RAX preserved across the call, and the return path (the VMM may perform the page's
+ * `ret` itself: RSP restored, the return address read across two pages in distant frames, no `ret` folded when
+ * the byte after the `out` is something else).
  * Arguments: `synic=1` when hv-synic is on (PostMessage checks), `spin=N` the expected NotifyLongSpinWait status
  * (0, or 6 = ACCESS_DENIED under hv-enforce-cpuid without hv-spinlocks).
  */
@@ -35,6 +37,59 @@ asm(".text\n"
     "  add $16, %rsp\n"
     "  pop %r15\n  pop %r14\n  pop %r13\n  pop %r12\n  pop %rbp\n  pop %rbx\n"
     "  ret\n");
+
+/* hv_call_on_stack(page, top, control, rsp_after): switches RSP to `top`, calls `page` with RCX = control and
+ * RDX = R8 = 0, stores RSP right after the call into *rsp_after, switches back and returns RAX. */
+u64 hv_call_on_stack(void *page, void *top, u64 control, u64 *rsp_after);
+asm(".text\n"
+    ".global hv_call_on_stack\n"
+    "hv_call_on_stack:\n"
+    "  push %rbx\n"
+    "  mov %rsp, %rbx\n"
+    "  mov %rcx, %r9\n"
+    "  mov %rdx, %rcx\n"
+    "  xor %edx, %edx\n"
+    "  xor %r8d, %r8d\n"
+    "  mov %rsi, %rsp\n"
+    "  call *%rdi\n"
+    "  mov %rsp, (%r9)\n"
+    "  mov %rbx, %rsp\n"
+    "  pop %rbx\n"
+    "  ret\n");
+
+/* The return path through `page` with the stack top at `top`: the call returns right after itself (or the test
+ * would crash) with RSP back at `top` and RAX = `expect`. */
+static void check_return(const char *what, void *page, void *top, u64 expect)
+{
+    u64 after = 0;
+    u64 rax = hv_call_on_stack(page, top, 0x7FFF, &after);
+    report(after == (u64)top && rax == expect, "%s: RSP after the call %lx (expected %lx), RAX %lx (expected %lx)",
+           what, after, (u64)top, rax, expect);
+}
+
+static void check_return_paths(void)
+{
+    u8 *stack = alloc_pages(3);
+    check_return("return path, stack in one page", hv_hypercall_page, stack + 2048,
+                 HV_STATUS_INVALID_HYPERCALL_CODE);
+    /* The second stack page maps the third page's frame: the return address the `call` pushes straddles two
+     * pages whose frames are not adjacent, and whoever performs the `ret` must read it through the page tables. */
+    u64 *pte = pte_4k((u64)stack + 4096);
+    u64 saved = *pte;
+    *pte = ((u64)stack + 8192) | PTE_P | PTE_RW;
+    invlpg(stack + 4096);
+    for (unsigned split = 1; split < 8; split++)
+        check_return("return path, return address split across two distant frames", hv_hypercall_page,
+                     stack + 4096 + 8 - split, HV_STATUS_INVALID_HYPERCALL_CODE);
+    *pte = saved;
+    invlpg(stack + 4096);
+    /* A page whose `out` is followed by `mov al, 0x77; ret`: the instruction after the `out` must run. */
+    u8 *other = alloc_pages(1);
+    memset(other, 0xCC, 4096);
+    static const u8 code[] = {0xE6, 0xE4, 0xB0, 0x77, 0xC3};
+    memcpy(other, code, sizeof(code));
+    check_return("`out` followed by `mov al, 0x77; ret`", other, stack + 2048, 0x77);
+}
 
 static const char *const names[] = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8",
                                     "r9",  "r10", "r11", "r12", "r13", "r14", "r15"};
@@ -108,6 +163,8 @@ int main(void)
         st = hv_hypercall(HVCALL_POST_MESSAGE, (u64)buf, 0);
         report(st == HV_STATUS_INVALID_HYPERCALL_INPUT, "PostMessage without hv-synic: status %lx (expected 3)", st);
     }
+    check_return_paths();
+
     /* Many calls in a row: the VMM never loses the return path. */
     bool all = true;
     for (unsigned i = 0; i < 200; i++)

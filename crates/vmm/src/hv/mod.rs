@@ -55,6 +55,7 @@
 
 mod platform;
 pub mod pveoi;
+pub mod retfold;
 mod timers;
 
 use std::sync::Arc;
@@ -121,7 +122,10 @@ impl HvGlue {
             })?;
         let glue = Arc::new(HvGlue { engine });
         machine.set_msr_hook(Arc::new(HvMsrHook(glue.engine.clone())))?;
-        machine.set_port_hook(Arc::new(HvPortHook(glue.engine.clone())))?;
+        machine.set_port_hook(Arc::new(HvPortHook {
+            engine: glue.engine.clone(),
+            fold: retfold::FoldConfig::new(&setup.cpuid),
+        }))?;
         machine.set_eoi_hook(Arc::new(HvEoiHook(glue.engine.clone())))?;
         machine.set_vcpu_hook(Arc::new(HvVcpuHook(glue.engine.clone())))?;
         Ok(glue)
@@ -190,7 +194,11 @@ pub fn cpu_mode(sregs: &kvm_sregs, rflags: u64) -> (CpuMode, u8) {
 }
 
 /// The hypercall port (`out 0xE4, al` in the hypercall page) → the engine.
-struct HvPortHook(Arc<Engine<VmmPlatform>>);
+struct HvPortHook {
+    engine: Arc<Engine<VmmPlatform>>,
+    /// Whether and how the page's `ret` is folded into the exit ([`retfold`]).
+    fold: retfold::FoldConfig,
+}
 
 impl PortHook for HvPortHook {
     fn handles(&self, port: u16) -> bool {
@@ -229,14 +237,22 @@ impl PortHook for HvPortHook {
             xmm: None,
         };
         // XMM fast input: one KVM_GET_XSAVE, only for the calls that use it.
-        if self.0.hypercall_needs_xmm(&hregs) {
+        if self.engine.hypercall_needs_xmm(&hregs) {
             hregs.xmm = xmm();
         }
-        match self.0.hypercall(VpId(vcpu as u32), &hregs) {
+        match self.engine.hypercall(VpId(vcpu as u32), &hregs) {
             HypercallOutcome::Complete(w) => {
                 regs.rax = w.rax;
                 if let Some(rdx) = w.rdx {
                     regs.rdx = rdx;
+                }
+                // The page's `ret` too, when that is certain to do what the guest's `ret` would (64-bit CPL 0
+                // only; the 32-bit convention and every doubtful case leave it to the guest).
+                if mode == CpuMode::Long64 {
+                    let mem = self.engine.platform().handle().memory();
+                    if let Err(why) = retfold::fold_ret(mem, self.fold, regs, sregs) {
+                        tracing::trace!(vcpu, ?why, "hypercall: the guest executes the page's ret");
+                    }
                 }
                 PortResult::RegsChanged
             }
@@ -366,7 +382,13 @@ mod tests {
         )
         .ok()?;
         let msr = HvMsrHook(glue.engine().clone());
-        let port = HvPortHook(glue.engine().clone());
+        let port = HvPortHook {
+            engine: glue.engine().clone(),
+            fold: retfold::FoldConfig {
+                enabled: true,
+                gib_pages: false,
+            },
+        };
         Some((m, msr, port))
     }
 
@@ -461,9 +483,9 @@ mod tests {
             assert_eq!(got, want, "case {i}");
             assert_eq!(regs.rax, rax.unwrap_or(before.rax), "case {i}");
             assert_eq!(
-                (regs.rcx, regs.rdx, regs.r8, regs.rbx),
-                (before.rcx, before.rdx, before.r8, before.rbx),
-                "case {i}: only RAX changes"
+                (regs.rcx, regs.rdx, regs.r8, regs.rbx, regs.rip, regs.rsp),
+                (before.rcx, before.rdx, before.r8, before.rbx, before.rip, before.rsp),
+                "case {i}: only RAX changes (no page tables in this RAM: the page's ret is not folded)"
             );
         }
     }
