@@ -14,7 +14,9 @@ Usage:
   enlighten snapshot -qmp SOCK [--stream] STATE [MEMORY]
                                     save a running VM (started with -qmp): state file + memory file
                                     (or one stream with --stream), with progress; see snapshot --help
-  enlighten restore FILE [OPTIONS] run a VM from FILE (same as OPTIONS plus -incoming file:FILE)
+  enlighten restore FILE [MEMORY] [--verify-memory] [OPTIONS]
+                                    run a VM from FILE (same as OPTIONS plus -incoming file:FILE); MEMORY:
+                                    the snapshot's memory file if moved; --verify-memory checks its CRC32
   enlighten help | --version
 
 Run options follow QEMU's spelling (see `enlighten run --help` and docs/cli.md):

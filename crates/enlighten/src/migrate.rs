@@ -51,7 +51,8 @@ pub fn command_specs() -> Vec<qmp::CommandSpec> {
         CommandSpec::new("migrate-incoming").arg("uri", ArgType::Str),
         CommandSpec::new(snapshot::SNAPSHOT_SAVE)
             .arg("state", ArgType::Str)
-            .arg("memory", ArgType::Str),
+            .arg("memory", ArgType::Str)
+            .optional_arg("resume", ArgType::Bool),
     ]
 }
 
@@ -246,7 +247,8 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
                     .and_then(Value::as_str)
                     .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
             };
-            c.start_snapshot(arg("state")?, arg("memory")?)
+            let resume = args.get("resume").and_then(Value::as_bool).unwrap_or(false);
+            c.start_snapshot(arg("state")?, arg("memory")?, resume)
                 .map_err(QmpError::generic)?;
             Ok(json!({}))
         }
@@ -584,9 +586,15 @@ impl MigrationControl {
     /// tells the source the verdict.
     pub fn run_incoming(&self, uri: &Uri, held: &Paused) -> Result<Loaded, String> {
         let hv = self.hv.as_deref();
+        // A snapshot's memory file is looked for next to a `file:` state file first.
+        let opts = snapshot::memory_file_options(match uri {
+            Uri::File(p) => Some(p.as_str()),
+            _ => None,
+        });
         let load = |r: Box<dyn Read>| -> Result<Loaded, MigrationError> {
             let mut progress = |_: u64, _: u64| {};
-            mvm::restore_with_global(held, hv, &self.config, BufReader::new(r), &mut progress)
+            let input = BufReader::new(r);
+            mvm::restore_with_options(held, hv, &self.config, input, &mut progress, &opts)
         };
         let verdict = |mut w: Box<dyn Write>, r: &Result<Loaded, MigrationError>| {
             let msg = match r {
@@ -869,20 +877,20 @@ pub fn restore_main(args: &[String]) -> std::process::ExitCode {
         args.first().map(String::as_str),
         Some("-h" | "-help" | "--help")
     ) {
-        println!(
-            "usage: enlighten restore FILE [OPTIONS]\n\nRuns a VM from FILE, a snapshot's state file (its memory \
-             file is mapped copy-on-write) or a migration stream: the same as OPTIONS -incoming file:FILE. \
-             OPTIONS must describe the saved VM (RAM size, vCPUs, -cpu, devices)."
-        );
+        println!("{}", snapshot::RESTORE_HELP);
         return std::process::ExitCode::SUCCESS;
     }
-    let Some((file, rest)) = args.split_first() else {
-        eprintln!("error: usage: enlighten restore FILE [run options]");
-        return std::process::ExitCode::from(1);
+    let a = match snapshot::parse_restore_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(1);
+        }
     };
-    let mut run_args = rest.to_vec();
+    snapshot::set_restore_memory(a.memory.as_deref(), a.verify);
+    let mut run_args = a.run;
     run_args.push("-incoming".to_string());
-    run_args.push(format!("file:{file}"));
+    run_args.push(format!("file:{}", a.file));
     crate::run::main(run_args)
 }
 

@@ -260,6 +260,36 @@ impl VmControl {
         }
     }
 
+    /// `x-snapshot-save` has stopped the vCPUs for its write: a running VM goes to `save-vm` with a STOP event;
+    /// any other state is left alone (QEMU's `vm_stop(RUN_STATE_SAVE_VM)` in `savevm`/`snapshot-save`).
+    fn snapshot_stopped(&self) {
+        let mut st = lock(&self.state);
+        if st.run.is_running() {
+            st.run = RunState::SaveVm;
+            self.send(Event::stop());
+        }
+    }
+
+    /// `x-snapshot-save` ended. A VM it stopped (`save-vm`) runs again with a RESUME event, as QEMU's `savevm`
+    /// restarts it, after a failure or with `resume`; after a completed save without `resume` it stays stopped
+    /// in `postmigrate`, as after `migrate`. A VM that was not running is left as it is. Returns whether the
+    /// save's hold on the vCPUs must be kept (`postmigrate`, now or from an earlier save or migration; in the
+    /// other stopped states `stop`, `-S` or the panic path hold the vCPUs themselves).
+    fn snapshot_finished(&self, completed: bool, resume: bool) -> bool {
+        let mut st = lock(&self.state);
+        if st.run != RunState::SaveVm {
+            return st.run == RunState::Postmigrate;
+        }
+        if completed && !resume {
+            st.run = RunState::Postmigrate;
+            true
+        } else {
+            st.run = RunState::Running;
+            self.send(Event::resume());
+            false
+        }
+    }
+
     /// The incoming stream was loaded: the VM runs (RESUME), or stays `paused` with `-S` or after `stop`
     /// (QEMU's autostart rule), or when the source was not running (QEMU's global state).
     fn incoming_loaded(&self, source_running: bool) {
@@ -514,6 +544,21 @@ pub fn migration_finished(completed: bool) {
     if let Some(c) = CONTROL.get() {
         c.migration_finished(completed);
     }
+}
+
+/// Snapshot hook: `x-snapshot-save` has stopped the vCPUs (`save-vm` and STOP if the VM ran).
+pub fn snapshot_stopped() {
+    if let Some(c) = CONTROL.get() {
+        c.snapshot_stopped();
+    }
+}
+
+/// Snapshot hook: `x-snapshot-save` ended; returns whether its hold on the vCPUs must be kept (`postmigrate`).
+/// Without QMP nothing could have paused the VM, so a completed save without `resume` keeps it.
+pub fn snapshot_finished(completed: bool, resume: bool) -> bool {
+    CONTROL.get().map_or(completed && !resume, |c| {
+        c.snapshot_finished(completed, resume)
+    })
 }
 
 /// Migration hook: the incoming stream was loaded; `source_running`: the source's guest ran when it stopped.

@@ -2,18 +2,22 @@
 //! plus a sparse raw memory file from a running guest (`guests/tests/migr_touch.c`, which has written a
 //! distinct value into every page), `enlighten restore` maps the memory file copy-on-write in a second process
 //! and the guest finishes with every page intact while the memory file stays unchanged. Damaged snapshots are
-//! refused with clear errors.
+//! refused with clear errors. The pair of files can move to another directory together, the memory file can
+//! be named on the command line, and `--verify-memory` checks its CRC32. QMP `x-snapshot-save` follows
+//! QEMU's `savevm` run states and events (`save-vm`, STOP, RESUME).
 
 mod guest_common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_common::{assert_passed_with, kernel, qemu_style_args, run_raw, Outcome};
+use serde_json::{json, Value};
 
 const TICKS: u64 = 1000;
 
@@ -222,7 +226,7 @@ fn snapshot_and_restore_help() {
         (&["snapshot", "-h"][..], "--stream FILE"),
         (
             &["restore", "--help"][..],
-            "usage: enlighten restore FILE [OPTIONS]",
+            "usage: enlighten restore FILE [MEMORY] [--verify-memory] [OPTIONS]",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_enlighten"))
@@ -248,4 +252,344 @@ fn snapshot_and_restore_help() {
         .expect("run enlighten");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: enlighten snapshot"));
+}
+
+/// A QMP client over a Unix socket (JSON lines) that keeps the events it reads.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<(String, Value)>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+            events: Vec::new(),
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).expect("QMP greeting");
+        assert!(greeting.contains("\"QMP\""), "greeting: {greeting}");
+        q.ok("qmp_capabilities", json!({}));
+        q
+    }
+
+    /// Sends a command; returns its `return` or `error` reply, keeping the events read before it.
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        writeln!(self.writer, "{msg}").expect("QMP write");
+        loop {
+            let mut l = String::new();
+            self.reader.read_line(&mut l).expect("QMP read");
+            let v: Value =
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"));
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+            if let Some(name) = v["event"].as_str() {
+                self.events.push((name.to_string(), v["data"].clone()));
+            }
+        }
+    }
+
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(name, args.clone());
+        r.get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} {args}: {r}"))
+    }
+
+    fn status(&mut self) -> String {
+        let r = self.ok("query-status", json!({}));
+        r["status"].as_str().unwrap_or("").to_string()
+    }
+
+    /// The run-state events (STOP, RESUME) and MIGRATION statuses read so far, in order, then forgets them.
+    fn take_events(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.events)
+            .into_iter()
+            .filter_map(|(name, data)| match name.as_str() {
+                "STOP" | "RESUME" => Some(name),
+                "MIGRATION" => Some(format!(
+                    "MIGRATION {}",
+                    data["status"].as_str().unwrap_or("")
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `x-snapshot-save`, then `query-status` as fast as QMP answers until the save has ended and the run
+    /// state is `end`. Returns the run states seen (each once, in order) and the final `query-migrate`.
+    fn snapshot_save(&mut self, args: Value, end: &str) -> (Vec<String>, Value) {
+        self.ok("x-snapshot-save", args);
+        let start = Instant::now();
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let st = self.status();
+            if seen.last() != Some(&st) {
+                seen.push(st.clone());
+            }
+            let q = self.ok("query-migrate", json!({}));
+            if matches!(q["status"].as_str(), Some("completed" | "failed")) && st == end {
+                // One more command: every event sent before the state change has been read.
+                self.ok("query-status", json!({}));
+                return (seen, q);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the save hangs: {q}, states {seen:?}"
+            );
+        }
+    }
+}
+
+/// QMP `x-snapshot-save` and QEMU's `savevm` run states: a running VM is `save-vm` while it is written, with
+/// STOP; after a failure, or with `resume: true`, it runs again with RESUME; otherwise it stays stopped in
+/// `postmigrate` until `cont`. A VM paused by `stop` stays `paused`, with no STOP and no RESUME.
+#[test]
+fn snapshot_save_run_states_and_events_follow_qemu() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = scratch("states.qmp");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{},server=on,wait=off", sock.display());
+    // ticks=0: the guest runs until it is killed.
+    let args = qemu_style_args(
+        kernel("migr_touch"),
+        1,
+        Some("ticks=0 spin=20000"),
+        &["-qmp", &spec],
+    );
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the VM");
+    let out = vm.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("touched ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let touched = rx.recv_timeout(Duration::from_secs(60));
+    let mut q = Qmp::connect(&sock);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(touched.is_ok(), "the guest never touched its pages");
+        let file = |n: &str| scratch(n).display().to_string();
+        let save = |state: &str, memory: String, resume: Option<bool>| {
+            let mut a = json!({ "state": file(state), "memory": memory });
+            if let Some(r) = resume {
+                a["resume"] = json!(r);
+            }
+            a
+        };
+        std::fs::create_dir_all(scratch("st-c-dir").join("x")).expect("a directory in the way");
+        assert_eq!(q.status(), "running");
+        q.take_events();
+        // (name, arguments, `stop` first, the run states seen, the final `query-migrate` status, the events)
+        type Case<'a> = (&'a str, Value, bool, &'a [&'a str], &'a str, &'a [&'a str]);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "stays stopped",
+                save("st-a.state", file("st-a.mem"), None),
+                false,
+                &["save-vm", "postmigrate"],
+                "completed",
+                &[
+                    "MIGRATION setup",
+                    "MIGRATION active",
+                    "STOP",
+                    "MIGRATION completed",
+                ],
+            ),
+            (
+                "cont from postmigrate",
+                Value::Null,
+                false,
+                &["running"],
+                "",
+                &["RESUME"],
+            ),
+            (
+                "resume",
+                save("st-b.state", file("st-b.mem"), Some(true)),
+                false,
+                &["save-vm", "running"],
+                "completed",
+                &[
+                    "MIGRATION setup",
+                    "MIGRATION active",
+                    "STOP",
+                    "MIGRATION completed",
+                    "RESUME",
+                ],
+            ),
+            (
+                // The state path is a directory: the final rename fails after the whole memory file.
+                "failed",
+                save("st-c-dir", file("st-c.mem"), Some(false)),
+                false,
+                &["save-vm", "running"],
+                "failed",
+                &[
+                    "MIGRATION setup",
+                    "MIGRATION active",
+                    "STOP",
+                    "MIGRATION failed",
+                    "RESUME",
+                ],
+            ),
+            (
+                "paused by stop",
+                save("st-d.state", file("st-d.mem"), Some(true)),
+                true,
+                &["paused"],
+                "completed",
+                &["MIGRATION setup", "MIGRATION active", "MIGRATION completed"],
+            ),
+        ];
+        for (name, args, stop, states, status, events) in cases {
+            if stop {
+                q.ok("stop", json!({}));
+                assert_eq!(q.take_events(), ["STOP"], "{name}: stop");
+            }
+            let (seen, end) = if args.is_null() {
+                q.ok("cont", json!({}));
+                (vec![q.status()], json!({}))
+            } else {
+                q.snapshot_save(args, states[states.len() - 1])
+            };
+            let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
+            // The first poll may come before the save thread stops the vCPUs.
+            let from = usize::from(seen.first() == Some(&"running") && states[0] != "running");
+            assert_eq!(&seen[from..], states, "{name}: run states");
+            assert_eq!(
+                end["status"].as_str().unwrap_or(""),
+                status,
+                "{name}: {end}"
+            );
+            if status == "failed" {
+                let e = end["error-desc"].as_str().unwrap_or("");
+                assert!(
+                    e.contains("cannot rename") && e.contains("st-c-dir"),
+                    "{name}: {e}"
+                );
+            }
+            assert_eq!(q.take_events(), events, "{name}: events");
+        }
+        // The paused VM keeps its hold through the save: `cont` runs it (RESUME).
+        q.ok("cont", json!({}));
+        assert_eq!(q.status(), "running");
+        assert_eq!(q.take_events(), ["RESUME"]);
+    }));
+    let _ = vm.kill();
+    let _ = vm.wait();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// The state file and the memory file move to another directory together and restore there (with
+/// `--verify-memory`: the CRC32 matches); the memory file can also be named on the command line. A missing or
+/// damaged memory file is refused with a clear error before the guest runs.
+#[test]
+fn moved_snapshots_restore_and_verify_memory_catches_damage() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let old = scratch("moved-from");
+    std::fs::create_dir_all(&old).expect("dir");
+    let state = old.join("vm.state");
+    take_snapshot(&guest_args, Some("touched "), &[], &state);
+    let new = scratch("moved-to");
+    std::fs::create_dir_all(&new).expect("dir");
+    for f in ["vm.state", "vm.state.mem"] {
+        std::fs::rename(old.join(f), new.join(f)).expect("move the snapshot");
+    }
+    std::fs::remove_dir_all(&old).expect("remove the old directory");
+    let moved = new.join("vm.state");
+    let pass = format!("every page kept its value (0 wrong, {TICKS} rewritten by {TICKS} ticks)");
+    let o = restore_with(
+        &|extra| {
+            let mut a = vec!["--verify-memory".to_string()];
+            a.extend(guest_args(extra));
+            a
+        },
+        &moved,
+        &[],
+    );
+    assert_passed_with(&o, &[&pass]);
+
+    // Named on the command line: another name in another directory.
+    let elsewhere = scratch("renamed.bin");
+    std::fs::rename(new.join("vm.state.mem"), &elsewhere).expect("rename the memory file");
+    let named = elsewhere.display().to_string();
+    let o = restore_with(
+        &|extra| {
+            let mut a = vec![named.clone()];
+            a.extend(guest_args(extra));
+            a
+        },
+        &moved,
+        &[],
+    );
+    assert_passed_with(&o, &[&pass]);
+
+    let restore_args = |first: &[&str]| {
+        let mut a = vec!["restore".to_string(), moved.display().to_string()];
+        a.extend(first.iter().map(|s| s.to_string()));
+        a.extend(guest_args(&[]));
+        run_raw(&a)
+    };
+    // Not next to the state file any more, nor where it was written: both places are named.
+    let o = restore_args(&[]);
+    assert_refused(&o, "(next to the state file): No such file");
+    assert!(
+        o.stderr
+            .contains("moved-from/vm.state.mem (where it was written)")
+            && o.stderr.contains("enlighten restore STATE MEMORY"),
+        "{}",
+        o.describe()
+    );
+    let short = scratch("short.bin");
+    std::fs::write(&short, [1u8; 4096]).expect("write");
+    assert_refused(
+        &restore_args(&[&short.display().to_string()]),
+        "is 4096 bytes, the snapshot needs 134217728 bytes",
+    );
+    // One flipped byte deep in the file: caught with --verify-memory.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&elsewhere)
+        .expect("open the memory file");
+    use std::os::unix::fs::FileExt;
+    let at = RAM - 4096 + 8;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 1], at).expect("damage");
+    let o = restore_args(&[&named, "--verify-memory"]);
+    assert_refused(&o, "is damaged: its CRC32 is");
+    assert!(
+        !o.stdout.contains("t 1\n"),
+        "the guest ran: {}",
+        o.describe()
+    );
+    let _ = std::fs::remove_file(&short);
 }

@@ -10,6 +10,14 @@
 //! `-incoming file:STATE` restores a snapshot too ([`super::vm::restore`] maps the file when it meets the
 //! MemoryFile section).
 //!
+//! The state file records where the memory file is twice: its absolute path when it was written, and its path
+//! relative to the state file's directory, so that the pair can move to another directory together. Restore
+//! looks next to the state file first, then at the absolute path, unless it is told the memory file's path
+//! ([`MemoryFileOptions::memory`], `enlighten restore STATE MEMORY`). The state file also records the
+//! memory file's CRC32, computed while it is written; [`MemoryFileOptions::verify`] (`enlighten restore
+//! --verify-memory`) reads the whole file and checks it before the guest runs. By default nothing is read, so
+//! restore latency stays independent of the RAM size.
+//!
 //! The memory file must not change while a VM restored from it runs: a private mapping still shows the file's
 //! later changes in pages the guest has not written. [`write_memory_file`] therefore writes a new file and
 //! renames it over the old one, so a running VM keeps the inode it mapped.
@@ -18,6 +26,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Component;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -43,13 +52,20 @@ pub struct MemoryFileRegion {
     pub offset: u64,
 }
 
-/// The MemoryFile section of a snapshot's state file.
+/// The MemoryFile section of a snapshot's state file. `relative` and `crc32` came after version 1's first
+/// form: a state file without them still restores (it cannot be verified).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryFileSection {
     /// [`MEMORY_FILE_VERSION`].
     pub version: u32,
-    /// The memory file, as an absolute path.
+    /// The memory file, as an absolute path when it was written.
     pub path: String,
+    /// The memory file's path relative to the state file's directory (lexical, `..` where needed).
+    #[serde(default)]
+    pub relative: Option<String>,
+    /// CRC32 (IEEE, `crc32fast`) of the whole memory file, holes read as zeros.
+    #[serde(default)]
+    pub crc32: Option<u32>,
     /// The memory file's size in bytes (the RAM size).
     pub size: u64,
     /// How the file maps onto guest RAM.
@@ -83,14 +99,25 @@ pub fn file_regions(layout: &MemoryLayout) -> Vec<MemoryFileRegion> {
 /// Bytes read from guest RAM at a time while writing the memory file.
 const CHUNK: usize = 2 << 20;
 
+/// What [`write_memory_file`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFileWritten {
+    /// Non-zero pages (written).
+    pub pages: u64,
+    /// Zero pages (left as holes).
+    pub zero_pages: u64,
+    /// CRC32 of the whole file (see [`MemoryFileSection::crc32`]).
+    pub crc32: u32,
+}
+
 /// Writes guest RAM to `path` as a sparse raw file (zero pages are holes): into a new file next to `path`,
-/// then renamed over it. Returns `(non-zero pages, zero pages)`.
+/// then renamed over it. The CRC32 is computed on the way, from the bytes read.
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     path: &Path,
     progress: Progress<'_>,
-) -> Result<(u64, u64), MigrationError> {
+) -> Result<MemoryFileWritten, MigrationError> {
     let tmp = temp_name(path);
     let r = write_sparse(mem, layout, &tmp, progress).and_then(|counts| {
         std::fs::rename(&tmp, path).map_err(|e| {
@@ -119,7 +146,7 @@ fn write_sparse(
     layout: &MemoryLayout,
     path: &Path,
     progress: Progress<'_>,
-) -> Result<(u64, u64), MigrationError> {
+) -> Result<MemoryFileWritten, MigrationError> {
     let io = |what: &str, e: std::io::Error| vm_err(format!("{what} {}: {e}", path.display()));
     let f = File::create(path).map_err(|e| io("cannot create", e))?;
     // A file of the right size made of holes; only non-zero pages are written.
@@ -145,21 +172,29 @@ fn write_sparse(
             }
             Ok(())
         });
-        let read = (|| -> Result<(u64, u64), MigrationError> {
+        let read = (|| -> Result<MemoryFileWritten, MigrationError> {
             let zero = [0u8; PAGE_SIZE];
             let (mut pages, mut zero_pages, mut done) = (0u64, 0u64, 0u64);
+            let mut crc = crc32fast::Hasher::new();
+            let written = |pages, zero_pages, crc: crc32fast::Hasher| MemoryFileWritten {
+                pages,
+                zero_pages,
+                crc32: crc.finalize(),
+            };
             for r in file_regions(layout) {
                 let mut at = 0u64;
                 while at < r.size {
                     let len = (r.size - at).min(CHUNK as u64) as usize;
                     // No free buffer: the writer failed (its error is reported below).
                     let Ok(mut buf) = free_rx.recv() else {
-                        return Ok((pages, zero_pages));
+                        return Ok(written(pages, zero_pages, crc));
                     };
                     mem.read_slice(&mut buf[..len], GuestAddress(r.gpa + at))
                         .map_err(|e| {
                             vm_err(format!("cannot read guest RAM at {:#x}: {e}", r.gpa + at))
                         })?;
+                    // File order: regions one after the other, each from its start.
+                    crc.update(&buf[..len]);
                     let mut runs = Vec::new();
                     let mut run_start: Option<usize> = None;
                     for (i, page) in buf[..len].chunks(PAGE_SIZE).enumerate() {
@@ -182,7 +217,7 @@ fn write_sparse(
                         runs,
                     };
                     if full_tx.send(chunk).is_err() {
-                        return Ok((pages, zero_pages));
+                        return Ok(written(pages, zero_pages, crc));
                     }
                     at += len as u64;
                     done += len as u64;
@@ -191,7 +226,7 @@ fn write_sparse(
                     }
                 }
             }
-            Ok((pages, zero_pages))
+            Ok(written(pages, zero_pages, crc))
         })();
         drop(full_tx);
         let written = match writer.join() {
@@ -214,50 +249,121 @@ struct Chunk {
 }
 
 /// Takes a snapshot of the paused machine: the state sections (see [`super::vm::save`]) and a MemoryFile
-/// section go to `state`, guest RAM to the raw file `memory` (made absolute). `paused` must cover every vCPU.
-/// `Stats::bytes` counts the state file and the memory file's data (not its holes).
+/// section go to `state`, guest RAM to the raw file `memory`. `state_path` is where the state file will end
+/// up (it may be written elsewhere first and renamed): the MemoryFile section records `memory` relative to
+/// its directory as well as absolute. `paused` must cover every vCPU. `Stats::bytes` counts the state file
+/// and the memory file's data (not its holes).
 pub fn save_snapshot<W: Write>(
     paused: &Paused,
     hv: Option<&HvGlue>,
     config: &ConfigSection,
     state: W,
+    state_path: &Path,
     memory: &Path,
     progress: Progress<'_>,
 ) -> Result<(W, Stats), MigrationError> {
-    let memory =
-        std::path::absolute(memory).map_err(|e| vm_err(format!("{}: {e}", memory.display())))?;
-    let path = memory
-        .to_str()
-        .ok_or_else(|| vm_err(format!("{}: not a UTF-8 path", memory.display())))?
-        .to_string();
+    let absolute =
+        |p: &Path| std::path::absolute(p).map_err(|e| vm_err(format!("{}: {e}", p.display())));
+    let memory = absolute(memory)?;
+    let utf8 = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| vm_err(format!("{}: not a UTF-8 path", p.display())))
+    };
+    let path = utf8(&memory)?;
+    let state_dir = absolute(state_path)?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let relative = relative_path(&state_dir, &memory)
+        .map(|r| utf8(&r))
+        .transpose()?;
     let shared = paused.machine().clone();
     let mut w = StreamWriter::new(state)?;
     write_state(paused, hv, config, &mut w)?;
-    let (pages, zero_pages) = write_memory_file(&shared.mem, &shared.layout, &memory, progress)?;
+    let written = write_memory_file(&shared.mem, &shared.layout, &memory, progress)?;
     w.json(
         SectionKind::MemoryFile,
         &MemoryFileSection {
             version: MEMORY_FILE_VERSION,
             path,
+            relative,
+            crc32: Some(written.crc32),
             size: shared.layout.ram_size,
             regions: file_regions(&shared.layout),
-            pages,
+            pages: written.pages,
         },
     )?;
-    let bytes = w.written() + 16 + pages * PAGE_SIZE as u64;
+    let bytes = w.written() + 16 + written.pages * PAGE_SIZE as u64;
     let out = w.finish()?;
     Ok((
         out,
         Stats {
             bytes,
-            pages,
-            zero_pages,
+            pages: written.pages,
+            zero_pages: written.zero_pages,
         },
     ))
 }
 
-/// Checks a MemoryFile section against this machine and the file on disk. Returns the opened file.
-fn check_memory_file(layout: &MemoryLayout, m: &MemoryFileSection) -> Result<File, MigrationError> {
+/// `to` relative to the directory `from`, lexically (both absolute and normalised, as
+/// `std::path::absolute` makes them): `vm.mem`, `mem/vm.mem` or `../mem/vm.mem`. `None` when there is no
+/// such path (another root or prefix, or `..` left in `from`).
+pub fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
+    let from: Vec<Component<'_>> = from.components().collect();
+    let to: Vec<Component<'_>> = to.components().collect();
+    if from.first() != to.first() || from.contains(&Component::ParentDir) {
+        return None;
+    }
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut r = PathBuf::new();
+    for _ in common..from.len() {
+        r.push("..");
+    }
+    for c in &to[common..] {
+        r.push(c.as_os_str());
+    }
+    (!r.as_os_str().is_empty()).then_some(r)
+}
+
+/// How a restore finds and checks a snapshot's memory file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryFileOptions {
+    /// The state file's directory (`-incoming file:STATE`): the memory file is looked for there first, at
+    /// the path the snapshot recorded relative to it.
+    pub state_dir: Option<PathBuf>,
+    /// The memory file, given by the user: used as it is, nothing else is tried.
+    pub memory: Option<PathBuf>,
+    /// Read the whole memory file and check its CRC32 before mapping it.
+    pub verify: bool,
+}
+
+/// The paths a restore tries for the memory file, in order, each with how it was found.
+fn memory_candidates(
+    m: &MemoryFileSection,
+    opts: &MemoryFileOptions,
+) -> Vec<(PathBuf, &'static str)> {
+    if let Some(p) = &opts.memory {
+        return vec![(p.clone(), "as given")];
+    }
+    let mut c = Vec::new();
+    if let (Some(rel), Some(dir)) = (&m.relative, &opts.state_dir) {
+        c.push((dir.join(rel), "next to the state file"));
+    }
+    let recorded = PathBuf::from(&m.path);
+    if !c.iter().any(|(p, _)| *p == recorded) {
+        c.push((recorded, "where it was written"));
+    }
+    c
+}
+
+/// Checks a MemoryFile section against this machine, finds the file on disk and checks it (its size, and
+/// with `opts.verify` its CRC32). Returns the opened file and its path.
+fn check_memory_file(
+    layout: &MemoryLayout,
+    m: &MemoryFileSection,
+    opts: &MemoryFileOptions,
+) -> Result<(File, PathBuf), MigrationError> {
     if m.version != MEMORY_FILE_VERSION {
         return Err(StreamError::Mismatch(format!(
             "the snapshot's memory file section has version {} (this build reads version \
@@ -274,50 +380,99 @@ fn check_memory_file(layout: &MemoryLayout, m: &MemoryFileSection) -> Result<Fil
         ))
         .into());
     }
-    let f = File::open(&m.path).map_err(|e| {
-        vm_err(format!(
-            "cannot open the snapshot's memory file {}: {e}",
-            m.path
-        ))
-    })?;
-    let meta = f
-        .metadata()
-        .map_err(|e| vm_err(format!("{}: {e}", m.path)))?;
+    let candidates = memory_candidates(m, opts);
+    let mut tried = Vec::new();
+    let mut found = None;
+    for (p, how) in candidates {
+        match File::open(&p) {
+            Ok(f) => {
+                found = Some((f, p));
+                break;
+            }
+            Err(e) => tried.push(format!("{} ({how}): {e}", p.display())),
+        }
+    }
+    let Some((f, path)) = found else {
+        return Err(vm_err(format!(
+            "cannot open the snapshot's memory file: {}; give its path with `enlighten restore STATE \
+             MEMORY`",
+            tried.join("; ")
+        )));
+    };
+    let shown = path.display();
+    let meta = f.metadata().map_err(|e| vm_err(format!("{shown}: {e}")))?;
     if !meta.is_file() {
         return Err(vm_err(format!(
-            "the snapshot's memory file {} is not a regular file",
-            m.path
+            "the snapshot's memory file {shown} is not a regular file"
         )));
     }
     if meta.len() != m.size {
         return Err(vm_err(format!(
-            "the snapshot's memory file {} is {} bytes, the snapshot needs {} bytes ({} MiB of RAM): \
+            "the snapshot's memory file {shown} is {} bytes, the snapshot needs {} bytes ({} MiB of RAM): \
              truncated or not this snapshot's memory file",
-            m.path,
             meta.len(),
             m.size,
             m.size >> 20
         )));
     }
-    Ok(f)
+    if opts.verify {
+        verify_memory_file(&f, &path, m)?;
+    }
+    Ok((f, path))
+}
+
+/// Reads the whole memory file and compares its CRC32 with the one the snapshot recorded.
+fn verify_memory_file(f: &File, path: &Path, m: &MemoryFileSection) -> Result<(), MigrationError> {
+    let Some(want) = m.crc32 else {
+        return Err(vm_err(format!(
+            "cannot verify the snapshot's memory file {}: the state file records no checksum (written by \
+             an older enlighten)",
+            path.display()
+        )));
+    };
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < m.size {
+        let len = (m.size - at).min(CHUNK as u64) as usize;
+        f.read_exact_at(&mut buf[..len], at).map_err(|e| {
+            vm_err(format!(
+                "cannot verify the snapshot's memory file {}: reading {len} bytes at offset {at}: {e}",
+                path.display()
+            ))
+        })?;
+        crc.update(&buf[..len]);
+        at += len as u64;
+    }
+    let got = crc.finalize();
+    if got != want {
+        return Err(vm_err(format!(
+            "the snapshot's memory file {} is damaged: its CRC32 is {got:#010x}, the snapshot recorded \
+             {want:#010x}",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Maps a snapshot's memory file copy-on-write over guest RAM. Called by [`super::vm::restore`] on a machine
 /// whose vCPUs are all held and have not run guest code since it was created. Returns the number of pages
-/// the snapshot wrote (information only): nothing is read here.
+/// the snapshot wrote (information only): nothing is read here unless `opts.verify` asks for it.
 pub(crate) fn map_memory_file(
     shared: &VmShared,
     m: &MemoryFileSection,
+    opts: &MemoryFileOptions,
 ) -> Result<u64, MigrationError> {
-    map_into(&shared.mem, &shared.layout, m)
+    map_into(&shared.mem, &shared.layout, m, opts)
 }
 
 fn map_into(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     m: &MemoryFileSection,
+    opts: &MemoryFileOptions,
 ) -> Result<u64, MigrationError> {
-    let f = check_memory_file(layout, m)?;
+    let (f, path) = check_memory_file(layout, m, opts)?;
     for r in &m.regions {
         let host = mem
             .get_host_address(GuestAddress(r.gpa))
@@ -341,7 +496,7 @@ fn map_into(
         if p == libc::MAP_FAILED || p != host.cast() {
             return Err(vm_err(format!(
                 "cannot map the snapshot's memory file {}: {}",
-                m.path,
+                path.display(),
                 std::io::Error::last_os_error()
             )));
         }

@@ -574,6 +574,20 @@ pub fn restore_with_global<R: Read>(
     input: R,
     progress: Progress<'_>,
 ) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
+    let opts = super::snapshot::MemoryFileOptions::default();
+    restore_with_options(paused, hv, dest, input, progress, &opts)
+}
+
+/// [`restore_with_global`], with how a snapshot's memory file is found and checked (`opts`). A memory file
+/// given in `opts` for a stream that has none (not a snapshot's state file) is refused before RAM is touched.
+pub fn restore_with_options<R: Read>(
+    paused: &Paused,
+    hv: Option<&HvGlue>,
+    dest: &ConfigSection,
+    input: R,
+    progress: Progress<'_>,
+    opts: &super::snapshot::MemoryFileOptions,
+) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
     let shared = paused.machine().clone();
     let n = shared.vcpus.len();
     if paused.vcpus().len() != n {
@@ -626,8 +640,13 @@ pub fn restore_with_global<R: Read>(
             .into());
         }
         let m: super::snapshot::MemoryFileSection = pending.json()?;
-        stats.pages = super::snapshot::map_memory_file(&shared, &m)?;
+        stats.pages = super::snapshot::map_memory_file(&shared, &m, opts)?;
         pending = r.expect_section()?;
+    } else if let Some(p) = &opts.memory {
+        return Err(vm_err(format!(
+            "a memory file ({}) was given, but this is a migration stream, not a snapshot's state file",
+            p.display()
+        )));
     } else if !precopied {
         zero_ram(&shared)?;
     }

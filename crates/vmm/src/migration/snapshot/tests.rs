@@ -29,6 +29,8 @@ fn section(path: &Path, layout: &MemoryLayout, pages: u64) -> MemoryFileSection 
     MemoryFileSection {
         version: MEMORY_FILE_VERSION,
         path: path.to_str().unwrap().to_string(),
+        relative: None,
+        crc32: None,
         size: layout.ram_size,
         regions: file_regions(layout),
         pages,
@@ -43,10 +45,13 @@ fn memory_file_is_sparse_and_maps_copy_on_write() {
     }
     let path = scratch("cow.mem");
     let mut calls = Vec::new();
-    let (pages, zero) =
-        write_memory_file(&mem, &layout, &path, &mut |d, t| calls.push((d, t))).unwrap();
+    let w = write_memory_file(&mem, &layout, &path, &mut |d, t| calls.push((d, t))).unwrap();
+    let pages = w.pages;
     assert_eq!(pages, TOUCHED.len() as u64);
-    assert_eq!(pages + zero, (4 << 20) / PAGE_SIZE as u64);
+    assert_eq!(pages + w.zero_pages, (4 << 20) / PAGE_SIZE as u64);
+    // The CRC32 covers the whole file, holes included.
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(w.crc32, crc32fast::hash(&data));
     assert_eq!(calls.last(), Some(&(4 << 20, 4 << 20)));
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.len(), 4 << 20);
@@ -63,7 +68,15 @@ fn memory_file_is_sparse_and_maps_copy_on_write() {
     dst.write_slice(&[0xEE; PAGE_SIZE], GuestAddress(0x9000))
         .unwrap();
     let m = section(&path, &dlayout, pages);
-    assert_eq!(map_into(&dst, &dlayout, &m).unwrap(), pages);
+    let verify = MemoryFileOptions {
+        verify: true,
+        ..MemoryFileOptions::default()
+    };
+    let m = MemoryFileSection {
+        crc32: Some(w.crc32),
+        ..m
+    };
+    assert_eq!(map_into(&dst, &dlayout, &m, &verify).unwrap(), pages);
     let mut page = [0u8; PAGE_SIZE];
     for &(gpa, v) in TOUCHED {
         dst.read_slice(&mut page, GuestAddress(gpa)).unwrap();
@@ -145,10 +158,12 @@ fn bad_memory_files_are_refused() {
         ),
     ];
     for (name, m, frag) in cases {
-        let e = map_into(&mem, &layout, &m).unwrap_err().to_string();
+        let e = map_into(&mem, &layout, &m, &MemoryFileOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(frag), "{name}: {e}");
     }
-    assert!(map_into(&mem, &layout, &good).is_ok());
+    assert!(map_into(&mem, &layout, &good, &MemoryFileOptions::default()).is_ok());
 }
 
 #[test]
@@ -160,4 +175,146 @@ fn regions_follow_each_other_in_the_file() {
     assert_eq!(r[1].offset, r[0].size);
     assert_eq!(r[0].size + r[1].size, 4 << 30);
     assert_eq!(r[1].gpa, 1 << 32);
+}
+
+#[test]
+fn relative_paths() {
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("/a/b", "/a/b/vm.mem", Some("vm.mem")),
+        ("/a/b", "/a/b/m/vm.mem", Some("m/vm.mem")),
+        ("/a/b", "/a/c/vm.mem", Some("../c/vm.mem")),
+        ("/a/b/c", "/x/vm.mem", Some("../../../x/vm.mem")),
+        ("/", "/vm.mem", Some("vm.mem")),
+        ("/a/b", "/a/b", None),
+        ("/a/../b", "/b/vm.mem", None),
+    ];
+    for &(from, to, want) in cases {
+        assert_eq!(
+            relative_path(Path::new(from), Path::new(to)),
+            want.map(PathBuf::from),
+            "{from} -> {to}"
+        );
+    }
+}
+
+/// Snapshot-style files in `dir`: a memory file with some pages, and its section as a save would record it
+/// (relative to `dir`, with its CRC32).
+fn saved_pair(dir: &Path, layout: &MemoryLayout, mem: &GuestMemoryMmap) -> MemoryFileSection {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("vm.mem");
+    let w = write_memory_file(mem, layout, &path, &mut |_, _| {}).unwrap();
+    MemoryFileSection {
+        relative: relative_path(dir, &path).map(|p| p.to_str().unwrap().to_string()),
+        crc32: Some(w.crc32),
+        ..section(&path, layout, w.pages)
+    }
+}
+
+#[test]
+fn the_memory_file_is_found_next_to_the_state_file_or_where_told() {
+    let (mem, layout) = ram(2 << 20);
+    for &(gpa, v) in TOUCHED.iter().filter(|(g, _)| *g < 2 << 20) {
+        mem.write_slice(&[v; PAGE_SIZE], GuestAddress(gpa)).unwrap();
+    }
+    let old = scratch("found-old");
+    let m = saved_pair(&old, &layout, &mem);
+    assert_eq!(m.relative.as_deref(), Some("vm.mem"));
+    // The pair moves to another directory together; the recorded absolute path is gone.
+    let new = scratch("found-new");
+    std::fs::create_dir_all(&new).unwrap();
+    std::fs::rename(old.join("vm.mem"), new.join("vm.mem")).unwrap();
+    let other = scratch("found-other.mem");
+    std::fs::copy(new.join("vm.mem"), &other).unwrap();
+    let opts = |dir: Option<&Path>, memory: Option<&Path>| MemoryFileOptions {
+        state_dir: dir.map(Path::to_path_buf),
+        memory: memory.map(Path::to_path_buf),
+        verify: true,
+    };
+    let cases: Vec<(&str, MemoryFileOptions, Result<PathBuf, &str>)> = vec![
+        ("next to the state file", opts(Some(&new), None), Ok(new.join("vm.mem"))),
+        ("given", opts(Some(&old), Some(&other)), Ok(other.clone())),
+        (
+            "no state directory: only the recorded path",
+            opts(None, None),
+            Err("(where it was written): No such file"),
+        ),
+        (
+            "both tried, next to the state file first",
+            opts(Some(&scratch("found-elsewhere")), None),
+            Err("found-elsewhere/vm.mem (next to the state file): No such file or directory (os error 2); "),
+        ),
+        (
+            "a given path is the only one tried",
+            opts(Some(&new), Some(&old.join("nope.mem"))),
+            Err("nope.mem (as given): No such file"),
+        ),
+    ];
+    for (name, o, want) in cases {
+        let r = check_memory_file(&layout, &m, &o);
+        match (r, want) {
+            (Ok((_, p)), Ok(w)) => assert_eq!(p, w, "{name}"),
+            (Err(e), Err(frag)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains(frag) && e.contains("enlighten restore STATE MEMORY"),
+                    "{name}: {e}"
+                );
+            }
+            (r, w) => panic!("{name}: got {:?}, want {w:?}", r.map(|(_, p)| p)),
+        }
+    }
+    // Mapping from the moved file gives the saved pages.
+    let (dst, dlayout) = ram(2 << 20);
+    map_into(&dst, &dlayout, &m, &opts(Some(&new), None)).unwrap();
+    let mut page = [0u8; PAGE_SIZE];
+    dst.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
+    assert!(page.iter().all(|&b| b == 2));
+}
+
+#[test]
+fn verification_finds_damage() {
+    let (mem, layout) = ram(2 << 20);
+    mem.write_slice(&[9; PAGE_SIZE], GuestAddress(0x3000))
+        .unwrap();
+    let dir = scratch("verify");
+    let m = saved_pair(&dir, &layout, &mem);
+    let path = dir.join("vm.mem");
+    let verify = MemoryFileOptions {
+        state_dir: Some(dir.clone()),
+        verify: true,
+        ..MemoryFileOptions::default()
+    };
+    let lazy = MemoryFileOptions {
+        verify: false,
+        ..verify.clone()
+    };
+    assert!(check_memory_file(&layout, &m, &verify).is_ok());
+    // One flipped byte, in a written page and in a hole: refused with the option, not read without it.
+    for offset in [0x3000 + 17, 0x10_0000] {
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut b = [0u8; 1];
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut b, offset)
+            .unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], offset).unwrap();
+        let e = check_memory_file(&layout, &m, &verify)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is damaged: its CRC32 is")
+                && e.contains(&format!("{:#010x}", m.crc32.unwrap())),
+            "{offset:#x}: {e}"
+        );
+        assert!(check_memory_file(&layout, &m, &lazy).is_ok());
+        f.write_all_at(&b, offset).unwrap();
+        assert!(check_memory_file(&layout, &m, &verify).is_ok());
+    }
+    // A state file without a checksum (an older enlighten) cannot be verified.
+    let old = MemoryFileSection { crc32: None, ..m };
+    let e = check_memory_file(&layout, &old, &verify)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("records no checksum"), "{e}");
+    assert!(check_memory_file(&layout, &old, &lazy).is_ok());
 }
