@@ -6,6 +6,8 @@
  *   - a bare port read of an unused port (all-ones, the VMM does no work) at CPL 0, and a bare MMIO read of
  *     an address with neither RAM nor device at CPL 3 (native here; PVM gives CPL 3 no port access) and CPL 0;
  *   - NotifyLongSpinWait through the hypercall page (CPL 0 only: the page is supervisor-only);
+ *   - the port floor, the hypercall and the null-page call again with one fixed assembly framing (the `_asm_`
+ *     keys), interleaved sample by sample;
  *   - rdmsr of TIME_REF_COUNT (synthetic) and of IA32_APIC_BASE (the VMM's APIC, non-synthetic), CPL 0;
  *   - a CPL 0 loop body with no exit at all (what KVM's instruction emulator adds to every CPL 0 sample);
  *   - reference time from the TSC page at CPL 3 (native here) and from TIME_REF_COUNT.
@@ -151,6 +153,49 @@ static u64 user_tscpage_loop(u64 n)
 
 static void noexit_target(void) { asm volatile("" ::: "memory"); }
 
+/* One sample with a fixed framing written in assembly, the same for the floor and for the calls: rdtsc, two
+ * `mov` saving the TSC, the argument set-up (`mov` of the port; or `mov` of RCX and RDX, the fast-call ABI), the
+ * access, one `mov` saving the result, rdtsc. At CPL 0 KVM emulates every instruction here (about 1 µs each), so
+ * the C loops above measure the compiler's scheduling too: for the hypercall it puts three instructions of the
+ * first timestamp's arithmetic inside the window, for the port read after it. These samples differ only by what
+ * a call through the page adds to a port access: one more argument register, the `call`, and the page's `ret`
+ * (unless the VMM performs it). */
+static u64 asm_sample_in(u16 port, u8 *value)
+{
+    u32 lo0, hi0, lo1, hi1, v;
+    asm volatile("rdtsc\n\t"
+                 "mov %%eax, %[lo0]\n\t"
+                 "mov %%edx, %[hi0]\n\t"
+                 "mov %[port], %%edx\n\t"
+                 "inb (%%dx), %%al\n\t"
+                 "movzbl %%al, %[v]\n\t"
+                 "rdtsc"
+                 : "=&a"(lo1), "=&d"(hi1), [lo0] "=&r"(lo0), [hi0] "=&r"(hi0), [v] "=&r"(v)
+                 : [port] "r"((u32)port)
+                 : "memory");
+    *value = (u8)v;
+    return (((u64)hi1 << 32) | lo1) - (((u64)hi0 << 32) | lo0);
+}
+
+static u64 asm_sample_call(void *page, u64 control, u64 input, u64 *status)
+{
+    u32 lo0, hi0, lo1, hi1;
+    u64 st;
+    asm volatile("rdtsc\n\t"
+                 "mov %%eax, %[lo0]\n\t"
+                 "mov %%edx, %[hi0]\n\t"
+                 "mov %[ctl], %%rcx\n\t"
+                 "mov %[in], %%rdx\n\t"
+                 "call *%[page]\n\t"
+                 "mov %%rax, %[st]\n\t"
+                 "rdtsc"
+                 : "=&a"(lo1), "=&d"(hi1), [lo0] "=&r"(lo0), [hi0] "=&r"(hi0), [st] "=&r"(st)
+                 : [ctl] "r"(control), [in] "r"(input), [page] "r"(page)
+                 : "rcx", "cc", "memory");
+    *status = st;
+    return (((u64)hi1 << 32) | lo1) - (((u64)hi0 << 32) | lo0);
+}
+
 static bool setup_tsc_page(void)
 {
     if (!(hv_features_eax() & HV_EAX_REFERENCE_TSC))
@@ -236,6 +281,29 @@ static void micro(void)
         }
         report((st & 0xFFFF) == HV_STATUS_SUCCESS, "NotifyLongSpinWait returns success (0x%lx)", st);
         report_samples("hypercall_cpl0", n);
+
+        /* The same three with the assembly framing, interleaved so that they share the host's conditions. */
+        u64 *s_floor = alloc_pages((n * 8 + 4095) / 4096);
+        u64 *s_null = alloc_pages((n * 8 + 4095) / 4096);
+        const u64 fast = HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_HYPERCALL_FAST;
+        st = 0;
+        for (u64 i = 0; i < n; i++) {
+            u8 v;
+            u64 ignored;
+            s_floor[i] = asm_sample_in(IDLE_PORT, &v);
+            bad += v != 0xFF;
+            s_null[i] = asm_sample_call(null_page, fast, 1, &ignored);
+            u64 one;
+            samples[i] = asm_sample_call(real, fast, 1, &one);
+            st |= one;
+        }
+        report(bad == 0 && (st & 0xFFFF) == HV_STATUS_SUCCESS, "assembly-framed samples (port all-ones, status 0x%lx)",
+               st);
+        report_samples("hypercall_asm_cpl0", n);
+        memcpy(samples, s_null, n * 8);
+        report_samples("nullcall_asm_cpl0", n);
+        memcpy(samples, s_floor, n * 8);
+        report_samples("floor_asm_cpl0", n);
     } else {
         report_skip("no hypercall page");
     }
