@@ -16,7 +16,10 @@
 //!
 //! On an `out` exit to [`HYPERCALL_PORT`] with size 1, the VMM builds a [`crate::HypercallRegs`] from its
 //! synced registers, calls [`crate::Engine::hypercall`] and writes back the returned registers (or injects #UD).
-//! KVM has already advanced RIP past the `out`, so the guest continues at the `ret`.
+//! KVM has already advanced RIP past the `out`, so the guest continues at the `ret` — unless the VMM performed
+//! that `ret` too: the enlighten VMM does so after a completed 64-bit hypercall when the byte at RIP is still
+//! [`RET`] and the return address can be read as the processor would (`vmm/src/hv/retfold.rs`), which saves one
+//! emulated instruction per call on hosts that emulate guest CPL-0 code.
 //!
 //! Limitations (documented in `docs/embedding.md`):
 //! - Guests that execute VMCALL/VMMCALL directly instead of calling the page cannot be supported on this KVM.

@@ -14,6 +14,8 @@
 //!   → PortHook::pio_write_full (HvPortHook)                  mode/CPL from the synced sregs
 //!   → Engine::hypercall → Complete{rax, rdx} | InjectUd      RAX (and RDX, 32-bit) back through sync regs;
 //!                                                            #UD with KVM_SET_VCPU_EVENTS (rare path)
+//!   → Complete, 64-bit: retfold::fold_ret                    the page's `ret` too when certain (RIP = `[RSP]`,
+//!                                                            RSP += 8), in the same sync-regs write
 //!
 //! APIC EOI of a vector (userspace APIC)       → EoiHook::eoi → Engine::apic_eoi
 //! engine → Platform (VmmPlatform):
@@ -41,6 +43,10 @@
 //! - **#UD from the hypercall page** (real mode, CPL > 0, XMM input refused under hv-enforce-cpuid): KVM has
 //!   already moved RIP past the `out` when the exit reaches the VMM, so the #UD is reported at the page's `ret`
 //!   (offset 2) rather than at the hypercall instruction. Guests do not recover from this #UD anyway.
+//! - **The page's `ret`** is performed by the VMM after a completed 64-bit CPL-0 hypercall when the processor's
+//!   own `ret` is certain to do the same ([`retfold`]); otherwise, and always with RFLAGS.TF set, the guest
+//!   executes it. A debug-register breakpoint on that `ret` is then not seen. `ENLIGHTEN_NO_RET_FOLD=1` turns it
+//!   off.
 //! - **XMM fast input** is read with one `KVM_GET_XSAVE`, only for the calls whose fast form takes XMM input.
 //! - **Guest TSC** is computed in userspace from the host TSC and the offset the machine measured at start (this
 //!   KVM ignores TSC offsets; the probe brackets the guest's RDTSC between host reads and prefers the exact

@@ -3,7 +3,7 @@
 //! The page is `out 0xE4, al; ret`. On this host KVM emulates guest supervisor code, about 1 µs per
 //! instruction, so the `ret` that follows the `out` costs a noticeable share of a hypercall round trip. After
 //! the engine completed a hypercall, the VMM can perform that `ret` itself while it writes the result registers
-//! back: RIP = the 8-byte return address at [RSP], RSP += 8. It does so only when the outcome is certain to be
+//! back: RIP = the 8-byte return address at `[RSP]`, RSP += 8. It does so only when the outcome is certain to be
 //! the one the processor would produce; in every other case the guest executes its `ret` as before:
 //!
 //! - 64-bit mode (EFER.LMA and CS.L) at CPL 0 (SS.DPL and CS.DPL both 0);
@@ -62,7 +62,7 @@ pub const NO_RET_FOLD_ENV: &str = "ENLIGHTEN_NO_RET_FOLD";
 pub struct FoldConfig {
     /// The fold is on (it is unless `ENLIGHTEN_NO_RET_FOLD` is set to something other than `0` or empty).
     pub enabled: bool,
-    /// 1 GiB pages are advertised (CPUID 0x80000001.EDX[26]); without them PS in a PDPTE is a reserved bit.
+    /// 1 GiB pages are advertised (CPUID 0x80000001.EDX bit 26); without them PS in a PDPTE is a reserved bit.
     pub gib_pages: bool,
 }
 
