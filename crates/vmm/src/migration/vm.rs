@@ -24,6 +24,7 @@ use crate::hv::HvGlue;
 use crate::machine::{Paused, RunState, VmShared};
 
 mod live;
+pub(crate) use live::no_reset_overlap;
 pub use live::{
     save_live, LiveControl, LiveEvents, LiveStats, DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_BANDWIDTH, MAX_SYNCS,

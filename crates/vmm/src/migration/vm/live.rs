@@ -714,6 +714,7 @@ pub fn save_live<W: Write>(
     let count = gpas.len() as u64;
     send_pages(shared, &mut w, gpas.into_iter(), false, ctl, None, count)?;
     write_machine_state(&paused, hv, &mut w)?;
+    no_reset_overlap(shared, epoch)?;
     w.json(SectionKind::GlobalState, &super::GlobalSection { running })?;
     ctl.cancelled()?;
     let bytes = w.written() + 16;
@@ -725,6 +726,35 @@ pub fn save_live<W: Write>(
         s.expected_downtime_ms = 0;
     });
     Ok((out, paused, ctl.stats()))
+}
+
+/// Refuses a stop-and-copy pass that a guest reset overlapped. The reset runs on the event loop's thread
+/// and pauses the vCPUs itself, so it can run while this pass holds them: it rewrites RAM behind KVM's dirty
+/// log (cleared and the kernel reloaded, then `ram_epoch` bumped) and queues a `VcpuRequest::Reset` for each
+/// vCPU, which a vCPU only acts on once nobody pauses it, i.e. after this pass. So the race is real, and
+/// worse than pages left unsent: even when the final sync saw the new epoch and sent all of RAM, the vCPU
+/// state just written is the one from before the reset. Such a pass fails (the source resumes, its vCPUs
+/// reset, and `migrate` can be tried again). Detected: any reset that bumped the epoch after the final sync,
+/// and any reset whose vCPU requests are still queued (posted before or during the pass). Not detected: a
+/// reset still between its pause and its epoch bump when this check runs (clearing or reloading RAM); closing
+/// that window needs the reset to mark itself before it touches RAM (e.g. an odd epoch while rewriting, which
+/// the pass would wait out), in `machine.rs`. A reset of a VM paused by `stop` also leaves its requests queued
+/// until `cont`: such a VM cannot be saved before it has run again (its vCPU state is the one from before the
+/// reset). [`crate::migration::snapshot::save_snapshot`] applies the same check to its one pass.
+pub(crate) fn no_reset_overlap(shared: &VmShared, synced_epoch: u64) -> Result<(), MigrationError> {
+    let queued = shared.vcpus.iter().any(|v| {
+        v.lock()
+            .requests
+            .iter()
+            .any(|r| matches!(r, crate::machine::VcpuRequest::Reset { .. }))
+    });
+    if queued || shared.ram_epoch() != synced_epoch {
+        return Err(vm_err(
+            "the guest was reset while its state was being saved, or a reset is still pending on its \
+             vCPUs (a reset cannot be carried over): the VM continues; save it again once it has run",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -879,5 +909,56 @@ mod tests {
             t.account(1 << 20, &ctl),
             Err(MigrationError::Cancelled)
         ));
+    }
+
+    #[test]
+    fn a_reset_overlapping_the_stop_is_refused() {
+        use crate::machine::{Machine, VcpuRequest, VmConfig};
+        use crate::test_support::{NoDevices, NoKernel};
+        use std::sync::Arc;
+        let cfg = VmConfig {
+            ram_size: 16 << 20,
+            vcpus: 2,
+            ..VmConfig::default()
+        };
+        // A real, never started machine (no KVM here: nothing to check).
+        let Ok((m, _fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
+            return;
+        };
+        let handle = m.handle();
+        let shared = handle.shared().clone();
+        // (case, requests queued on vCPU 1, epoch bumps after the sync, refused)
+        let cases: &[(&str, &[VcpuRequest], u64, bool)] = &[
+            ("nothing happened", &[], 0, false),
+            (
+                "a TLB flush is not a reset",
+                &[VcpuRequest::FlushTlb],
+                0,
+                false,
+            ),
+            ("RAM rewritten after the final sync", &[], 1, true),
+            (
+                "vCPU resets still queued",
+                &[VcpuRequest::Reset { entry: None }],
+                0,
+                true,
+            ),
+        ];
+        for (name, requests, bumps, refused) in cases {
+            let synced = shared.ram_epoch();
+            let held = handle.hold_all();
+            for r in requests.iter() {
+                held.post(1, *r);
+            }
+            shared.ram_epoch.fetch_add(*bumps, Ordering::SeqCst);
+            let r = no_reset_overlap(&shared, synced);
+            assert_eq!(r.is_err(), *refused, "{name}: {:?}", r.err());
+            if let Err(e) = r {
+                assert!(e
+                    .to_string()
+                    .contains("the guest was reset while its state was being saved"));
+            }
+            shared.vcpus[1].lock().requests.clear();
+        }
     }
 }
