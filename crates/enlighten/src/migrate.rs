@@ -1,6 +1,7 @@
 //! Migration commands with QEMU's semantics over the `vmm::migration` stream (`docs/migration.md`):
 //! QMP `migrate` / `query-migrate` / `migrate_cancel` / `migrate-set-parameters` / `query-migrate-parameters`,
-//! and `-incoming URI` on the destination. Transports: `file:PATH`, `unix:PATH`, `tcp:HOST:PORT`, `exec:CMD`.
+//! `migrate-set-capabilities` / `query-migrate-capabilities` (`events`, `auto-converge`), and `-incoming URI` on
+//! the destination. Transports: `file:PATH`, `unix:PATH`, `tcp:HOST:PORT`, `exec:CMD`.
 //!
 //! The source stops every vCPU through the rendezvous, writes the stream, and on a socket waits for the
 //! destination's verdict (one status byte, then a message on failure). On success it stays paused
@@ -27,6 +28,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
     "migrate-incoming",
     snapshot::SNAPSHOT_SAVE,
 ];
@@ -46,8 +49,15 @@ pub fn command_specs() -> Vec<qmp::CommandSpec> {
         CommandSpec::new("migrate_cancel"),
         CommandSpec::new("migrate-set-parameters")
             .optional_arg("downtime-limit", ArgType::Uint)
-            .optional_arg("max-bandwidth", ArgType::Uint),
+            .optional_arg("max-bandwidth", ArgType::Uint)
+            .optional_arg("throttle-trigger-threshold", ArgType::Uint)
+            .optional_arg("cpu-throttle-initial", ArgType::Uint)
+            .optional_arg("cpu-throttle-increment", ArgType::Uint)
+            .optional_arg("cpu-throttle-tailslow", ArgType::Bool)
+            .optional_arg("max-cpu-throttle", ArgType::Uint),
         CommandSpec::new("query-migrate-parameters"),
+        CommandSpec::new("migrate-set-capabilities").arg("capabilities", ArgType::Array),
+        CommandSpec::new("query-migrate-capabilities"),
         CommandSpec::new("migrate-incoming").arg("uri", ArgType::Str),
         CommandSpec::new(snapshot::SNAPSHOT_SAVE)
             .arg("state", ArgType::Str)
@@ -138,6 +148,10 @@ pub struct MigrationControl {
     deferred: Mutex<Option<Paused>>,
     /// `downtime-limit` (ms) and `max-bandwidth` (bytes/s).
     params: Mutex<(u64, u64)>,
+    /// Auto-converge's parameters (`cpu-throttle-*`, `max-cpu-throttle`, `throttle-trigger-threshold`).
+    throttle: Mutex<mvm::ThrottleParams>,
+    /// The migration capabilities set with `migrate-set-capabilities`.
+    caps: Mutex<Capabilities>,
     /// The running live migration's controls and statistics.
     active: Mutex<Option<Arc<mvm::LiveControl>>>,
     /// Cuts the running migration's connection (`migrate_cancel` while a write blocks).
@@ -160,11 +174,212 @@ pub fn set_event_sink(sink: qmp::EventSink) {
     let _ = EVENTS.set(sink);
 }
 
-/// QEMU's MIGRATION event.
+/// Whether the `events` capability is on: QEMU sends MIGRATION and MIGRATION_PASS only then (except the
+/// destination's `setup`, see [`incoming_setup_event`]).
+pub(crate) fn events_enabled() -> bool {
+    CONTROL.get().is_some_and(|c| lock(&c.caps).events)
+}
+
+/// QEMU's MIGRATION event (with the `events` capability).
 fn status_event(status: &str) {
+    if !events_enabled() {
+        return;
+    }
     if let Some(e) = EVENTS.get() {
         e.emit("MIGRATION", Some(json!({ "status": status })));
     }
+}
+
+/// The destination's MIGRATION `setup`, which QEMU sends whatever the capabilities when an incoming migration
+/// starts (`-incoming`, `migrate-incoming`).
+fn incoming_setup_event() {
+    if let Some(e) = EVENTS.get() {
+        e.emit("MIGRATION", Some(json!({ "status": "setup" })));
+    }
+}
+
+/// The migration capabilities enlighten implements (QMP `migrate-set-capabilities`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `events`: MIGRATION and MIGRATION_PASS events.
+    pub events: bool,
+    /// `auto-converge`: throttle the vCPUs when pre-copy does not converge.
+    pub auto_converge: bool,
+}
+
+/// QEMU 7.2's migration capabilities, in its order (`query-migrate-capabilities` lists them all).
+pub const QEMU_CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+];
+
+impl Capabilities {
+    /// The state of capability `name` (false for the ones enlighten does not implement).
+    pub fn get(&self, name: &str) -> bool {
+        match name {
+            "events" => self.events,
+            "auto-converge" => self.auto_converge,
+            _ => false,
+        }
+    }
+
+    /// `migrate-set-capabilities`' list applied to a copy of `self`, all or nothing: QEMU's argument errors for
+    /// a malformed list or an unknown name; a QEMU capability that enlighten does not implement may be turned
+    /// off (it is) but not on.
+    pub fn with(&self, list: &Value) -> Result<Capabilities, String> {
+        let items = list
+            .as_array()
+            .ok_or("Invalid parameter type for 'capabilities', expected: array")?;
+        let mut out = *self;
+        for (i, item) in items.iter().enumerate() {
+            let at = |m: &str| format!("capabilities[{i}]{m}");
+            let obj = item.as_object().ok_or_else(|| {
+                format!("Invalid parameter type for '{}', expected: object", at(""))
+            })?;
+            let name = match obj.get("capability") {
+                None => return Err(format!("Parameter '{}' is missing", at(".capability"))),
+                Some(v) => v.as_str().ok_or_else(|| {
+                    format!(
+                        "Invalid parameter type for '{}', expected: string",
+                        at(".capability")
+                    )
+                })?,
+            };
+            let state = match obj.get("state") {
+                None => return Err(format!("Parameter '{}' is missing", at(".state"))),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    format!(
+                        "Invalid parameter type for '{}', expected: boolean",
+                        at(".state")
+                    )
+                })?,
+            };
+            if let Some(extra) = obj
+                .keys()
+                .find(|k| !matches!(k.as_str(), "capability" | "state"))
+            {
+                return Err(format!(
+                    "Parameter '{}' is unexpected",
+                    at(&format!(".{extra}"))
+                ));
+            }
+            match name {
+                "events" => out.events = state,
+                "auto-converge" => out.auto_converge = state,
+                n if QEMU_CAPABILITIES.contains(&n) => {
+                    if state {
+                        return Err(format!(
+                            "Migration capability '{n}' is not supported by enlighten"
+                        ));
+                    }
+                }
+                n => {
+                    return Err(format!(
+                        "Parameter '{}' does not accept value '{n}'",
+                        at(".capability")
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `query-migrate-capabilities`' reply.
+    pub fn to_qmp(self) -> Value {
+        Value::Array(
+            QEMU_CAPABILITIES
+                .iter()
+                .map(|n| json!({"capability": n, "state": self.get(n)}))
+                .collect(),
+        )
+    }
+}
+
+/// The new auto-converge parameters after `migrate-set-parameters` `args` (missing ones keep `cur`), checked
+/// as QEMU checks them (its order and texts; `max-cpu-throttle` against the resulting `cpu-throttle-initial`).
+pub fn throttle_params_with(
+    cur: &mvm::ThrottleParams,
+    args: &Map<String, Value>,
+) -> Result<mvm::ThrottleParams, String> {
+    let get =
+        |name: &str, qemu: &str, lo: u64, hi: u64, range: &str| -> Result<Option<u8>, String> {
+            match args.get(name) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (lo..=hi).contains(&n) => Ok(u8::try_from(n).ok()),
+                    _ => Err(format!(
+                        "Parameter '{qemu}' expects an integer in the range of {range}"
+                    )),
+                },
+            }
+        };
+    let mut p = *cur;
+    if let Some(v) = get(
+        "throttle-trigger-threshold",
+        "throttle_trigger_threshold",
+        1,
+        100,
+        "1 to 100",
+    )? {
+        p.trigger_threshold = v;
+    }
+    if let Some(v) = get(
+        "cpu-throttle-initial",
+        "cpu_throttle_initial",
+        1,
+        99,
+        "1 to 99",
+    )? {
+        p.initial = v;
+    }
+    if let Some(v) = get(
+        "cpu-throttle-increment",
+        "cpu_throttle_increment",
+        1,
+        99,
+        "1 to 99",
+    )? {
+        p.increment = v;
+    }
+    if let Some(v) = args.get("cpu-throttle-tailslow") {
+        p.tailslow = v
+            .as_bool()
+            .ok_or("Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean")?;
+    }
+    let max = match args.get("max-cpu-throttle") {
+        None => Some(p.max),
+        Some(v) => v.as_u64().and_then(|n| u8::try_from(n).ok()),
+    };
+    match max {
+        Some(m) if m >= p.initial && m <= 99 => p.max = m,
+        _ => {
+            return Err(
+                "Parameter 'max_cpu_throttle' expects an integer in the range of \
+                        cpu_throttle_initial to 99"
+                    .to_string(),
+            )
+        }
+    }
+    Ok(p)
 }
 
 /// A live migration's events: MIGRATION_PASS per dirty sync (the first also moves `setup` to `active`, as
@@ -176,7 +391,7 @@ struct PassEvents<'a> {
 
 impl mvm::LiveEvents for PassEvents<'_> {
     fn pass(&self, n: u64) {
-        if let Some(e) = EVENTS.get() {
+        if let Some(e) = EVENTS.get().filter(|_| events_enabled()) {
             e.emit("MIGRATION_PASS", Some(json!({ "pass": n })));
         }
         if n == 1 {
@@ -238,6 +453,7 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
             let held = lock(&c.deferred).take().ok_or_else(|| {
                 QmpError::generic("'-incoming' was not specified on the command line")
             })?;
+            incoming_setup_event();
             spawn_incoming(c.clone(), uri, held).map_err(QmpError::generic)?;
             Ok(json!({}))
         }
@@ -259,10 +475,18 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
         "migrate-set-parameters" => {
             let downtime = args.get("downtime-limit").and_then(Value::as_u64);
             let bandwidth = args.get("max-bandwidth").and_then(Value::as_u64);
+            // QEMU checks the throttle parameters before the downtime limit, and applies nothing on an error.
+            let mut throttle = lock(&c.throttle);
+            let new_throttle = throttle_params_with(&throttle, args).map_err(QmpError::generic)?;
             if downtime.is_some_and(|v| v > MAX_DOWNTIME_LIMIT_MS) {
                 return Err(QmpError::generic(
                     "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
                 ));
+            }
+            *throttle = new_throttle;
+            drop(throttle);
+            if let Some(live) = lock(&c.active).as_ref() {
+                live.set_throttle_params(&new_throttle);
             }
             let mut p = lock(&c.params);
             if let Some(v) = downtime {
@@ -280,8 +504,30 @@ pub fn qmp_command(command: &str, args: &Map<String, Value>) -> Result<Value, Qm
         }
         "query-migrate-parameters" => {
             let p = lock(&c.params);
-            Ok(json!({"downtime-limit": p.0, "max-bandwidth": p.1}))
+            let t = lock(&c.throttle);
+            Ok(json!({
+                "downtime-limit": p.0,
+                "max-bandwidth": p.1,
+                "throttle-trigger-threshold": t.trigger_threshold,
+                "cpu-throttle-initial": t.initial,
+                "cpu-throttle-increment": t.increment,
+                "cpu-throttle-tailslow": t.tailslow,
+                "max-cpu-throttle": t.max,
+            }))
         }
+        "migrate-set-capabilities" => {
+            let list = args.get("capabilities").unwrap_or(&Value::Null);
+            let mut caps = lock(&c.caps);
+            let new = caps.with(list).map_err(QmpError::generic)?;
+            // QEMU: not while an outgoing migration (or a save) runs.
+            let i = lock(&c.info);
+            if !i.incoming && matches!(i.status, "setup" | "active" | "cancelling") {
+                return Err(QmpError::generic("There's a migration process in progress"));
+            }
+            *caps = new;
+            Ok(json!({}))
+        }
+        "query-migrate-capabilities" => Ok(lock(&c.caps).to_qmp()),
         other => Err(QmpError::command_not_found(other)),
     }
 }
@@ -307,6 +553,8 @@ impl MigrationControl {
             deferred: Mutex::new(None),
             // QEMU's defaults: 300 ms downtime limit, 128 MiB/s.
             params: Mutex::new((mvm::DEFAULT_DOWNTIME_LIMIT_MS, mvm::DEFAULT_MAX_BANDWIDTH)),
+            throttle: Mutex::new(mvm::ThrottleParams::QEMU),
+            caps: Mutex::new(Capabilities::default()),
             active: Mutex::new(None),
             cutter: Mutex::new(None),
         })
@@ -391,6 +639,10 @@ impl MigrationControl {
             if matches!(i.status, "active" | "cancelling") {
                 v["expected-downtime"] = json!(l.expected_downtime_ms);
             }
+            // QEMU reports the throttle only while it is on.
+            if l.cpu_throttle_percentage > 0 {
+                v["cpu-throttle-percentage"] = json!(l.cpu_throttle_percentage);
+            }
         }
         v["ram"] = ram;
         if i.status == "completed" {
@@ -426,6 +678,9 @@ impl MigrationControl {
             let p = lock(&self.params);
             ctl.downtime_limit_ms.store(p.0, Ordering::SeqCst);
             ctl.max_bandwidth.store(p.1, Ordering::SeqCst);
+            ctl.set_throttle_params(&lock(&self.throttle));
+            ctl.auto_converge
+                .store(lock(&self.caps).auto_converge, Ordering::SeqCst);
             *lock(&self.active) = Some(ctl.clone());
         }
         status_event("setup");
@@ -678,6 +933,7 @@ pub fn prepare(
         return Ok(());
     };
     let uri = parse_uri(spec, true).map_err(|e| format!("-incoming {spec}: {e}"))?;
+    incoming_setup_event();
     let held = machine.handle().hold_all();
     if uri == Uri::Defer {
         // QMP `migrate-incoming` starts the load later.
@@ -1040,6 +1296,176 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn capabilities() {
+        let on = Capabilities {
+            events: true,
+            auto_converge: true,
+        };
+        let cases: &[(Value, Result<Capabilities, &str>)] = &[
+            (json!([]), Ok(Capabilities::default())),
+            (
+                json!([{"capability": "events", "state": true},
+                       {"capability": "auto-converge", "state": true}]),
+                Ok(on),
+            ),
+            // A QEMU capability enlighten lacks may be turned off (it is), never on.
+            (
+                json!([{"capability": "xbzrle", "state": false}]),
+                Ok(Capabilities::default()),
+            ),
+            (
+                json!([{"capability": "events", "state": true},
+                       {"capability": "multifd", "state": true}]),
+                Err("Migration capability 'multifd' is not supported by enlighten"),
+            ),
+            (
+                json!([{"capability": "postcopy-ram", "state": true}]),
+                Err("Migration capability 'postcopy-ram' is not supported by enlighten"),
+            ),
+            (
+                json!([{"capability": "turbo", "state": true}]),
+                Err("Parameter 'capabilities[0].capability' does not accept value 'turbo'"),
+            ),
+            (
+                json!([{"capability": "events"}]),
+                Err("Parameter 'capabilities[0].state' is missing"),
+            ),
+            (
+                json!([{"state": true}]),
+                Err("Parameter 'capabilities[0].capability' is missing"),
+            ),
+            (
+                json!([{"capability": "events", "state": 1}]),
+                Err("Invalid parameter type for 'capabilities[0].state', expected: boolean"),
+            ),
+            (
+                json!([{"capability": 7, "state": true}]),
+                Err("Invalid parameter type for 'capabilities[0].capability', expected: string"),
+            ),
+            (
+                json!([{"capability": "events", "state": true}, "x"]),
+                Err("Invalid parameter type for 'capabilities[1]', expected: object"),
+            ),
+            (
+                json!([{"capability": "events", "state": true, "x": 1}]),
+                Err("Parameter 'capabilities[0].x' is unexpected"),
+            ),
+            (
+                json!({"capability": "events"}),
+                Err("Invalid parameter type for 'capabilities', expected: array"),
+            ),
+        ];
+        for (list, expected) in cases {
+            let got = Capabilities::default().with(list);
+            assert_eq!(got, expected.map_err(str::to_string), "{list}");
+        }
+        // All or nothing: an error leaves the caller's copy as it was; turning off works.
+        assert_eq!(
+            on.with(&json!([{"capability": "events", "state": false}])),
+            Ok(Capabilities {
+                events: false,
+                auto_converge: true
+            })
+        );
+        // The query lists every QEMU capability once, with enlighten's two in their state.
+        let q = on.to_qmp();
+        let list = q.as_array().expect("array");
+        assert_eq!(list.len(), QEMU_CAPABILITIES.len());
+        for item in list {
+            let name = item["capability"].as_str().expect("name");
+            let expected = matches!(name, "events" | "auto-converge");
+            assert_eq!(item["state"], expected, "{item}");
+        }
+    }
+
+    #[test]
+    fn throttle_parameters() {
+        let q = mvm::ThrottleParams::QEMU;
+        let args = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let cases: &[(Value, Result<mvm::ThrottleParams, &str>)] = &[
+            (json!({}), Ok(q)),
+            (
+                json!({"cpu-throttle-initial": 50, "cpu-throttle-increment": 25,
+                       "max-cpu-throttle": 90, "throttle-trigger-threshold": 100,
+                       "cpu-throttle-tailslow": true}),
+                Ok(mvm::ThrottleParams {
+                    initial: 50,
+                    increment: 25,
+                    max: 90,
+                    trigger_threshold: 100,
+                    tailslow: true,
+                }),
+            ),
+            (
+                json!({"cpu-throttle-initial": 1, "cpu-throttle-increment": 99, "throttle-trigger-threshold": 1}),
+                Ok(mvm::ThrottleParams {
+                    initial: 1,
+                    increment: 99,
+                    trigger_threshold: 1,
+                    ..q
+                }),
+            ),
+            (
+                json!({"cpu-throttle-initial": 0}),
+                Err("Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
+            ),
+            (
+                json!({"cpu-throttle-initial": 100}),
+                Err("Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
+            ),
+            (
+                json!({"cpu-throttle-increment": 0}),
+                Err("Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99"),
+            ),
+            (
+                json!({"cpu-throttle-increment": 1000}),
+                Err("Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99"),
+            ),
+            (
+                json!({"throttle-trigger-threshold": 0}),
+                Err("Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"),
+            ),
+            (
+                json!({"throttle-trigger-threshold": 101}),
+                Err("Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"),
+            ),
+            (
+                json!({"max-cpu-throttle": 100}),
+                Err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+            ),
+            // Below the initial throttle, given together or already in force.
+            (
+                json!({"max-cpu-throttle": 10}),
+                Err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+            ),
+            (
+                json!({"cpu-throttle-initial": 60, "max-cpu-throttle": 50}),
+                Err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+            ),
+            (
+                json!({"max-cpu-throttle": 20}),
+                Ok(mvm::ThrottleParams { max: 20, ..q }),
+            ),
+            (
+                json!({"max-cpu-throttle": u64::MAX}),
+                Err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+            ),
+        ];
+        for (a, expected) in cases {
+            assert_eq!(
+                throttle_params_with(&q, &args(a.clone())),
+                expected.map_err(str::to_string),
+                "{a}"
+            );
+        }
+        // The initial throttle may not exceed the maximum in force.
+        let low_max = mvm::ThrottleParams { max: 30, ..q };
+        assert!(
+            throttle_params_with(&low_max, &args(json!({"cpu-throttle-initial": 40}))).is_err()
+        );
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
 ];
 
 struct State {

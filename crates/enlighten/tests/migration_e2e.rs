@@ -92,6 +92,15 @@ impl Qmp {
         }
     }
 
+    /// Turns on the `events` migration capability (QEMU sends MIGRATION and MIGRATION_PASS only then).
+    fn enable_events(&mut self) {
+        let r = self.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+    }
+
     /// [`Qmp::migrate`] to a TCP destination that may not listen yet: a refused connection fails the migration
     /// and the source resumes, so try again (a probe connection would take the destination's only accept).
     fn migrate_when_listening(&mut self, uri: &str) -> Value {
@@ -842,19 +851,25 @@ struct DirtySource {
 
 const DIRTY_CPU: &str = "host,hv-relaxed,hv-vpindex,hv-time";
 
-fn dirty_args(append: &str, extra: &[&str]) -> Vec<String> {
+/// The command line of a source or destination running guest program `guest` (1 vCPU, [`DIRTY_CPU`]).
+fn guest_dirty_args(guest: &str, append: &str, extra: &[&str]) -> Vec<String> {
     let mut e = vec!["-cpu", DIRTY_CPU];
     e.extend_from_slice(extra);
-    qemu_style_args(kernel("migr_dirty"), 1, Some(append), &e)
+    qemu_style_args(kernel(guest), 1, Some(append), &e)
 }
 
 impl DirtySource {
     fn start(tag: &str, append: &str) -> DirtySource {
+        Self::start_guest("migr_dirty", tag, append)
+    }
+
+    /// [`DirtySource::start`] with another guest program.
+    fn start_guest(guest: &str, tag: &str, append: &str) -> DirtySource {
         let sock = scratch(&format!("{tag}.qmp"));
         let _ = std::fs::remove_file(&sock);
         let spec = format!("unix:{},server=on,wait=off", sock.display());
         let mut child = Command::new(env!("CARGO_BIN_EXE_enlighten"))
-            .args(dirty_args(append, &["-qmp", &spec]))
+            .args(guest_dirty_args(guest, append, &["-qmp", &spec]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -962,6 +977,16 @@ fn dirty_destination(
     append: &str,
     extra: &[&str],
 ) -> (String, Qmp, std::thread::JoinHandle<Outcome>) {
+    guest_destination("migr_dirty", tag, append, extra)
+}
+
+/// [`dirty_destination`] with another guest program.
+fn guest_destination(
+    guest: &str,
+    tag: &str,
+    append: &str,
+    extra: &[&str],
+) -> (String, Qmp, std::thread::JoinHandle<Outcome>) {
     let sock = scratch(&format!("{tag}.migr"));
     let _ = std::fs::remove_file(&sock);
     let spec = format!("unix:{}", sock.display());
@@ -970,7 +995,7 @@ fn dirty_destination(
     let dspec = format!("unix:{},server=on,wait=off", dqmp.display());
     let mut e = vec!["-incoming", &spec, "-qmp", &dspec];
     e.extend_from_slice(extra);
-    let dst_args = dirty_args(append, &e);
+    let dst_args = guest_dirty_args(guest, append, &e);
     let dst = std::thread::spawn(move || run_raw(&dst_args));
     (spec, Qmp::connect(&dqmp), dst)
 }
@@ -1003,6 +1028,7 @@ fn live_precopy_iterates_while_the_guest_dirties_memory_then_postmigrate_and_con
     let (spec, mut dq, dst) = dirty_destination("dirty", append, &["-S"]);
     let sock = PathBuf::from(spec.trim_start_matches("unix:"));
     let mut src = DirtySource::start("dirty", append);
+    src.qmp.enable_events();
     src.wait_line("dirtying 64 pages");
     let start = Instant::now();
     while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
@@ -1103,6 +1129,7 @@ fn a_paused_source_gives_a_paused_destination() {
 fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut src = DirtySource::start("bw", "pages=512 ms=4000");
+    src.qmp.enable_events();
     src.wait_line("dirtying 512 pages");
     let file = scratch("bw.snap");
     // 1 MiB/s: pass 1 alone (more than 2 MiB) takes over 2 s; cancel it after 300 ms.
@@ -1159,4 +1186,150 @@ fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
     assert!(r.get("return").is_some(), "{r}");
     let s = src.finish();
     assert_passed_with(&s, DIRTY_PASS_LINES);
+}
+
+/// `migr_busy` settings: 512 pages (2 MiB) rewritten by a CPU-bound loop for 15 s of reference time.
+const BUSY_APPEND: &str = "pages=512 spin=100 ms=15000";
+const BUSY_PASS_LINES: &[&str] = &[
+    "every page kept its last write (",
+    "reference time never stepped back (0",
+];
+
+#[test]
+fn auto_converge_throttles_a_guest_that_dirties_memory_faster_than_the_link() {
+    // migr_busy dirties its 2 MiB at a rate R proportional to the CPU time it gets; the link is limited to half
+    // of R. Without throttling, pre-copy never converges (every pass finds the whole working set dirty again:
+    // MAX_SYNCS passes, then a stop). With auto-converge, the vCPU is throttled at 50 % after two periods that
+    // dirtied more than half of what they sent, then at 75 %, 99 %...: the dirty rate falls below the link's and
+    // pre-copy converges within the downtime limit, well before MAX_SYNCS.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (spec, _dq, dst) = guest_destination("migr_busy", "busy", BUSY_APPEND, &[]);
+    let sock = PathBuf::from(spec.trim_start_matches("unix:"));
+    let mut src = DirtySource::start_guest("migr_busy", "busy", BUSY_APPEND);
+    // Capabilities: QEMU's defaults (all off), QEMU's names; unsupported ones refused, nothing half-applied.
+    let caps = src.qmp.cmd("query-migrate-capabilities", json!({}));
+    let list = caps["return"].as_array().cloned().unwrap_or_default();
+    assert!(list.len() >= 20, "{caps}");
+    assert!(list.iter().all(|c| c["state"] == false), "{caps}");
+    let r = src.qmp.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true},
+                                {"capability": "xbzrle", "state": true}]}),
+    );
+    assert_eq!(
+        r["error"]["desc"], "Migration capability 'xbzrle' is not supported by enlighten",
+        "{r}"
+    );
+    let caps = src.qmp.cmd("query-migrate-capabilities", json!({}));
+    assert!(
+        caps["return"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|c| c["state"] == false)),
+        "{caps}"
+    );
+    let r = src.qmp.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    // Parameters: QEMU's range errors, then a faster ramp than QEMU's default 20 % + 10 % (the test's time).
+    let r = src.qmp.cmd(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 100}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99",
+        "{r}"
+    );
+    let line = {
+        src.wait_line("dirtying 512 pages at ");
+        src.lines.last().cloned().unwrap_or_default()
+    };
+    let rate: u64 = line
+        .rsplit_once(" at ")
+        .and_then(|(_, r)| r.trim_end_matches(" pages/s").parse().ok())
+        .unwrap_or_else(|| panic!("no rate in {line:?}"));
+    assert!(rate > 0, "{line}");
+    let bandwidth = (rate * 4096 / 2).max(64 * 1024);
+    // A 10 ms downtime limit: pass 1 (mostly zero pages, scanned fast) makes the estimate after it optimistic,
+    // and 2 MiB of dirty pages must not pass for "converged" then. At half the guest's rate a 2 MiB pass takes
+    // about 1 s of link time, so the guest must be slowed down to nearly nothing dirtied per pass.
+    let r = src.qmp.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": bandwidth, "downtime-limit": 10,
+               "cpu-throttle-initial": 50, "cpu-throttle-increment": 25}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let p = src.qmp.cmd("query-migrate-parameters", json!({}));
+    assert_eq!(p["return"]["cpu-throttle-initial"], 50, "{p}");
+    assert_eq!(p["return"]["cpu-throttle-increment"], 25, "{p}");
+    assert_eq!(p["return"]["max-cpu-throttle"], 99, "{p}");
+    assert_eq!(p["return"]["throttle-trigger-threshold"], 50, "{p}");
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = src.qmp.cmd("migrate", json!({ "uri": spec }));
+    assert!(r.get("return").is_some(), "{r}");
+    // Poll: the throttle shows in query-migrate while it is on; capabilities cannot change meanwhile.
+    let start = Instant::now();
+    let mut max_throttle = 0;
+    let mut refused = false;
+    let q = loop {
+        let q = src.qmp.cmd("query-migrate", json!({}));
+        let status = q["return"]["status"].as_str().unwrap_or("").to_string();
+        if let Some(t) = q["return"]["cpu-throttle-percentage"].as_u64() {
+            max_throttle = max_throttle.max(t);
+        }
+        if !refused && status == "active" {
+            let r = src.qmp.cmd(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "auto-converge", "state": false}]}),
+            );
+            assert_eq!(
+                r["error"]["desc"], "There's a migration process in progress",
+                "{r}"
+            );
+            refused = true;
+        }
+        if status == "completed" || status == "failed" {
+            break q["return"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "migration hangs: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = start.elapsed();
+    assert_eq!(q["status"], "completed", "{q}");
+    let syncs = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+    let downtime = q["downtime"].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "auto-converge: rate {rate} pages/s, link {bandwidth} B/s, throttle up to {max_throttle} %, \
+         {syncs} dirty syncs, {} ms, downtime {downtime} ms",
+        took.as_millis()
+    );
+    assert!(max_throttle >= 50, "the vCPU was never throttled: {q}");
+    // Converged: before MAX_SYNCS (30 while running + the stop's), with a short stop.
+    assert!(syncs < 31, "pre-copy did not converge: {q}");
+    assert!(downtime < 2000, "{q}");
+    // Throttling ended with the migration: not reported once completed.
+    assert!(q.get("cpu-throttle-percentage").is_none(), "{q}");
+    // Without the `events` capability the source sent no MIGRATION event.
+    assert!(
+        !src.qmp
+            .events
+            .iter()
+            .any(|(n, _)| n.starts_with("MIGRATION")),
+        "{:?}",
+        src.qmp.events
+    );
+    // The destination runs the guest to its end, every page intact.
+    let o = dst.join().expect("destination thread");
+    assert_passed_with(&o, BUSY_PASS_LINES);
+    let r = src.qmp.cmd("quit", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    let _ = src.finish();
 }

@@ -26,8 +26,8 @@ use crate::machine::{Paused, RunState, VmShared};
 mod live;
 pub(crate) use live::no_reset_overlap;
 pub use live::{
-    save_live, LiveControl, LiveEvents, LiveStats, DEFAULT_DOWNTIME_LIMIT_MS,
-    DEFAULT_MAX_BANDWIDTH, MAX_SYNCS,
+    save_live, throttle_down, ConvergeTrigger, LiveControl, LiveEvents, LiveStats, ThrottleParams,
+    CONVERGE_PERIOD, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_BANDWIDTH, MAX_SYNCS,
 };
 
 /// QEMU's load-time refusal (`cpu/msr_hyperv_reenlightenment` post_load) when the guest enabled
