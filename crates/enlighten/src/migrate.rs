@@ -180,11 +180,16 @@ pub(crate) fn events_enabled() -> bool {
     CONTROL.get().is_some_and(|c| lock(&c.caps).events)
 }
 
-/// QEMU's MIGRATION event (with the `events` capability).
-fn status_event(status: &str) {
-    if !events_enabled() {
-        return;
+/// QEMU's MIGRATION event of `migrate` and `-incoming`: only with the `events` capability.
+fn migration_event(status: &str) {
+    if events_enabled() {
+        status_event(status);
     }
+}
+
+/// A MIGRATION event whatever the capabilities: `x-snapshot-save` (an enlighten extension, no QEMU
+/// counterpart) always reports its progress this way.
+fn status_event(status: &str) {
     if let Some(e) = EVENTS.get() {
         e.emit("MIGRATION", Some(json!({ "status": status })));
     }
@@ -400,7 +405,7 @@ impl mvm::LiveEvents for PassEvents<'_> {
             if i.status == "setup" {
                 i.status = "active";
                 drop(i);
-                status_event("active");
+                migration_event("active");
             }
         }
     }
@@ -573,7 +578,7 @@ impl MigrationControl {
             }
             i.status = "cancelling";
         }
-        status_event("cancelling");
+        migration_event("cancelling");
         live.cancel.store(true, Ordering::SeqCst);
         if let Some(cut) = lock(&self.cutter).as_ref() {
             cut();
@@ -683,7 +688,7 @@ impl MigrationControl {
                 .store(lock(&self.caps).auto_converge, Ordering::SeqCst);
             *lock(&self.active) = Some(ctl.clone());
         }
-        status_event("setup");
+        migration_event("setup");
         let me = self.clone();
         std::thread::Builder::new()
             .name("migration".into())
@@ -729,7 +734,7 @@ impl MigrationControl {
                 *lock(&self.held) = Some(paused);
                 drop(i);
                 crate::qmp_glue::migration_finished(true);
-                status_event("completed");
+                migration_event("completed");
             }
             Err(e) => {
                 // The vCPUs already run again (save_live and send drop them on every error path).
@@ -743,7 +748,7 @@ impl MigrationControl {
                 i.status = status;
                 drop(i);
                 crate::qmp_glue::migration_finished(false);
-                status_event(status);
+                migration_event(status);
             }
         }
     }
@@ -954,12 +959,12 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
                 incoming: true,
                 ..Info::default()
             };
-            status_event("active");
+            migration_event("active");
             match control.run_incoming(&uri, &held) {
                 Ok((stats, global)) => {
                     tracing::info!(?stats, "incoming migration loaded");
                     lock(&control.info).status = "completed";
-                    status_event("completed");
+                    migration_event("completed");
                     // QEMU's autostart rule: running, or paused with -S (or after `stop`) or when the source
                     // was paused.
                     crate::qmp_glue::incoming_loaded(global.is_none_or(|g| g.running));
@@ -969,7 +974,7 @@ fn spawn_incoming(control: Arc<MigrationControl>, uri: Uri, held: Paused) -> Res
                     eprintln!("error: {e}");
                     eprintln!("error: load of migration failed");
                     lock(&control.info).status = "failed";
-                    status_event("failed");
+                    migration_event("failed");
                     handle.request_exit(1);
                     std::mem::forget(held);
                 }
