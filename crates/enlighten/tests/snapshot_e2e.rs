@@ -366,13 +366,14 @@ fn snapshot_save_run_states_and_events_follow_qemu() {
     let sock = scratch("states.qmp");
     let _ = std::fs::remove_file(&sock);
     let spec = format!("unix:{},server=on,wait=off", sock.display());
-    // ticks=0: the guest runs until it is killed.
-    let args = qemu_style_args(
+    // ticks=0: the guest runs until it is killed. Without --no-reboot: `system_reset` reboots it.
+    let mut args = qemu_style_args(
         kernel("migr_touch"),
         1,
         Some("ticks=0 spin=20000"),
         &["-qmp", &spec],
     );
+    args.retain(|a| a != "--no-reboot");
     let mut vm = Command::new(env!("CARGO_BIN_EXE_enlighten"))
         .args(&args)
         .stdin(Stdio::null())
@@ -402,6 +403,11 @@ fn snapshot_save_run_states_and_events_follow_qemu() {
             a
         };
         std::fs::create_dir_all(scratch("st-c-dir").join("x")).expect("a directory in the way");
+        // MIGRATION events only with QEMU's `events` capability.
+        q.ok(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "events", "state": true }] }),
+        );
         assert_eq!(q.status(), "running");
         q.take_events();
         // (name, arguments, `stop` first, the run states seen, the final `query-migrate` status, the events)
@@ -496,6 +502,35 @@ fn snapshot_save_run_states_and_events_follow_qemu() {
             assert_eq!(q.take_events(), events, "{name}: events");
         }
         // The paused VM keeps its hold through the save: `cont` runs it (RESUME).
+        q.ok("cont", json!({}));
+        assert_eq!(q.status(), "running");
+        assert_eq!(q.take_events(), ["RESUME"]);
+
+        // A reset of a paused VM leaves the vCPUs' resets queued until `cont`: its vCPU state is the one from
+        // before the reset, so a save is refused (no STOP, no RESUME: the VM was not running), and `cont`
+        // runs the rebooted guest.
+        q.ok("stop", json!({}));
+        q.ok("system_reset", json!({}));
+        let start = Instant::now();
+        while q.status() != "prelaunch" {
+            assert!(start.elapsed() < Duration::from_secs(20), "no reset");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (seen, end) = q.snapshot_save(save("st-e.state", file("st-e.mem"), None), "prelaunch");
+        assert_eq!(seen, ["prelaunch"]);
+        assert_eq!(end["status"], "failed", "{end}");
+        assert!(!scratch("st-e.mem").exists(), "a memory file was written");
+        let e = end["error-desc"].as_str().unwrap_or("");
+        assert!(e.contains("a reset is still pending on its vCPUs"), "{e}");
+        assert_eq!(
+            q.take_events(),
+            [
+                "STOP",
+                "MIGRATION setup",
+                "MIGRATION active",
+                "MIGRATION failed"
+            ]
+        );
         q.ok("cont", json!({}));
         assert_eq!(q.status(), "running");
         assert_eq!(q.take_events(), ["RESUME"]);

@@ -280,10 +280,12 @@ pub fn save_snapshot<W: Write>(
         .transpose()?;
     let shared = paused.machine().clone();
     let epoch = shared.ram_epoch();
+    // A reset still queued on the vCPUs is refused before any file is written, one that runs while the
+    // vCPUs are held here after (see `no_reset_overlap`).
+    super::vm::no_reset_overlap(&shared, epoch)?;
     let mut w = StreamWriter::new(state)?;
     write_state(paused, hv, config, &mut w)?;
     let written = write_memory_file(&shared.mem, &shared.layout, &memory, progress)?;
-    // A guest reset can run while the vCPUs are held here (see `no_reset_overlap`).
     super::vm::no_reset_overlap(&shared, epoch)?;
     w.json(
         SectionKind::MemoryFile,
