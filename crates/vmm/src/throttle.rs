@@ -219,6 +219,49 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_vcpu_still_pauses_and_stops_promptly() {
+        use crate::machine::{Machine, VmConfig};
+        use crate::test_support::{NoDevices, NoKernel};
+        let cfg = VmConfig {
+            ram_size: 16 << 20,
+            vcpus: 1,
+            ..VmConfig::default()
+        };
+        // A real machine running zeroed RAM (no KVM here: nothing to check).
+        let Ok((m, fds)) = Machine::new(cfg, Arc::new(NoKernel), Arc::new(NoDevices)) else {
+            return;
+        };
+        let handle = m.handle();
+        let runner = std::thread::spawn(move || m.run(fds));
+        let mut run = ThrottleRun::new(handle.shared().clone());
+        assert_eq!(run.set(200), MAX_PERCENTAGE);
+        assert_eq!(run.percentage(), 99);
+        // After the first tick (1 s at 99 %) the vCPU sleeps 990 ms out of every second.
+        std::thread::sleep(tick_period(99) + Duration::from_millis(200));
+        let t = Instant::now();
+        let paused = handle.pause_all();
+        let pause = t.elapsed();
+        assert!(
+            handle.is_parked(0),
+            "the vCPU parked (the machine still runs)"
+        );
+        assert!(pause < Duration::from_millis(300), "pause took {pause:?}");
+        drop(paused);
+        // Throttle off: a sleeping vCPU is woken and runs again; a new throttle, then a stop mid-sleep.
+        drop(run);
+        assert_eq!(handle.shared().throttle.percentage(), 0);
+        let mut run = ThrottleRun::new(handle.shared().clone());
+        run.set(99);
+        std::thread::sleep(tick_period(99) + Duration::from_millis(200));
+        let t = Instant::now();
+        handle.stop();
+        let _ = runner.join();
+        let stop = t.elapsed();
+        assert!(stop < Duration::from_millis(500), "stop took {stop:?}");
+        drop(run);
+    }
+
+    #[test]
     fn a_vcpu_sleeps_once_per_tick() {
         let t = CpuThrottle::default();
         let mut v = VcpuThrottle::default();
