@@ -11,9 +11,10 @@ Usage:
   enlighten [run] [OPTIONS]         boot a guest (the built-in demo guest when no -kernel is given)
   enlighten cpuid -cpu SPEC [--json] print the hypervisor CPUID leaves (0x40000000 and up) for SPEC
   enlighten host [--json]           report this host's KVM: capabilities, Hyper-V support, userspace mode
-  enlighten snapshot -qmp SOCK [--stream] STATE [MEMORY]
+  enlighten snapshot -qmp SOCK [--stream | --resume] STATE [MEMORY]
                                     save a running VM (started with -qmp): state file + memory file
-                                    (or one stream with --stream), with progress; see snapshot --help
+                                    (or one stream with --stream), with progress; the VM stays paused
+                                    unless --resume; see snapshot --help
   enlighten restore FILE [MEMORY] [--verify-memory] [OPTIONS]
                                     run a VM from FILE (same as OPTIONS plus -incoming file:FILE); MEMORY:
                                     the snapshot's memory file if moved; --verify-memory checks its CRC32

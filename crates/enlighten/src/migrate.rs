@@ -1011,39 +1011,48 @@ pub fn snapshot_main(args: &[String]) -> std::process::ExitCode {
 struct SnapshotArgs {
     qmp: String,
     stream: bool,
+    /// `--resume`: the VM runs again afterwards if it ran before (x-snapshot-save's `resume`).
+    resume: bool,
     state: String,
     memory: Option<String>,
 }
 
 const SNAPSHOT_HELP: &str = "\
-usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]
+usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream | --resume] STATE [MEMORY]
 
-Saves the running VM behind the QMP socket, with a progress bar on stderr; the VM stays paused afterwards.
+Saves the running VM behind the QMP socket, with a progress bar on stderr; the VM stays paused afterwards
+(postmigrate: QMP cont resumes it) unless --resume is given.
 
   STATE [MEMORY]  a Firecracker-style snapshot (QMP x-snapshot-save): the checksummed state file STATE and
                   the sparse raw memory file MEMORY (default STATE.mem); restore maps MEMORY copy-on-write,
-                  so keep it in place and unmodified
+                  so do not modify it; it may move together with STATE (restore looks next to STATE first)
+  --resume        the VM runs again once the snapshot is written, if it ran before (as QEMU's savevm)
   --stream FILE   one checksummed migration stream instead (QMP migrate file:FILE)
 
 Restore either with: enlighten restore STATE|FILE [the VM's options]";
 
 const SNAPSHOT_USAGE: &str =
-    "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream] STATE [MEMORY]";
+    "usage: enlighten snapshot -qmp unix:PATH|tcp:HOST:PORT [--stream | --resume] STATE [MEMORY]";
 
 fn parse_snapshot_args(args: &[String]) -> Result<SnapshotArgs, String> {
     let mut qmp = None;
     let mut stream = false;
+    let mut resume = false;
     let mut files = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "-qmp" | "--qmp" => qmp = Some(it.next().ok_or(SNAPSHOT_USAGE)?.clone()),
             "-stream" | "--stream" => stream = true,
+            "-resume" | "--resume" => resume = true,
             f if !f.starts_with('-') => files.push(f.to_string()),
             _ => return Err(SNAPSHOT_USAGE.to_string()),
         }
     }
     let qmp = qmp.ok_or(SNAPSHOT_USAGE)?;
+    if stream && resume {
+        return Err(SNAPSHOT_USAGE.to_string());
+    }
     let (state, memory) = match (files.as_slice(), stream) {
         ([s], _) => (s.clone(), None),
         ([s, m], false) => (s.clone(), Some(m.clone())),
@@ -1052,6 +1061,7 @@ fn parse_snapshot_args(args: &[String]) -> Result<SnapshotArgs, String> {
     Ok(SnapshotArgs {
         qmp,
         stream,
+        resume,
         state,
         memory,
     })
@@ -1095,7 +1105,11 @@ fn snapshot(args: &[String]) -> Result<(), String> {
     } else {
         c.call(
             snapshot::SNAPSHOT_SAVE,
-            json!({ "state": file.display().to_string(), "memory": memory.display().to_string() }),
+            json!({
+                "state": file.display().to_string(),
+                "memory": memory.display().to_string(),
+                "resume": a.resume,
+            }),
         )?;
         format!("{} and {}", file.display(), memory.display())
     };
@@ -1520,6 +1534,7 @@ mod tests {
             Ok(SnapshotArgs {
                 qmp: qmp.to_string(),
                 stream,
+                resume: false,
                 state: state.to_string(),
                 memory: memory.map(str::to_string),
             })
@@ -1535,6 +1550,14 @@ mod tests {
                 ok("unix:/q", true, "s", None),
             ),
             (&["s", "-qmp", "unix:/q"], ok("unix:/q", false, "s", None)),
+            (
+                &["-qmp", "unix:/q", "--resume", "s", "m"],
+                ok("unix:/q", false, "s", Some("m")).map(|a| SnapshotArgs { resume: true, ..a }),
+            ),
+            (
+                &["-qmp", "unix:/q", "--stream", "--resume", "s"],
+                Err(SNAPSHOT_USAGE.into()),
+            ),
             (
                 &["-qmp", "unix:/q", "--stream", "s", "m"],
                 Err(SNAPSHOT_USAGE.into()),

@@ -274,22 +274,27 @@ impl VmControl {
 
     /// `x-snapshot-save` ended. A VM it stopped (`save-vm`) runs again with a RESUME event, as QEMU's `savevm`
     /// restarts it, after a failure or with `resume`; after a completed save without `resume` it stays stopped
-    /// in `postmigrate`, as after `migrate`. A VM that was not running is left as it is. Returns whether the
-    /// save's hold on the vCPUs must be kept (`postmigrate`, now or from an earlier save or migration; in the
-    /// other stopped states `stop`, `-S` or the panic path hold the vCPUs themselves).
-    fn snapshot_finished(&self, completed: bool, resume: bool) -> bool {
+    /// in `postmigrate`, as after `migrate`. A VM that was not running is left as it is. The save's hold on
+    /// the vCPUs must be kept in `postmigrate` (now, or from an earlier save or migration; in the other
+    /// stopped states `stop`, `-S` or the panic path hold the vCPUs themselves): then `keep` stores it, under
+    /// the state lock, so that `cont` always finds it (the lock order of `cont`: state, then the migration's
+    /// hold). Returns whether it was kept.
+    fn snapshot_finished(&self, completed: bool, resume: bool, keep: impl FnOnce()) -> bool {
         let mut st = lock(&self.state);
-        if st.run != RunState::SaveVm {
-            return st.run == RunState::Postmigrate;
-        }
-        if completed && !resume {
+        let kept = if st.run != RunState::SaveVm {
+            st.run == RunState::Postmigrate
+        } else if completed && !resume {
             st.run = RunState::Postmigrate;
             true
         } else {
             st.run = RunState::Running;
             self.send(Event::resume());
             false
+        };
+        if kept {
+            keep();
         }
+        kept
     }
 
     /// The incoming stream was loaded: the VM runs (RESUME), or stays `paused` with `-S` or after `stop`
@@ -555,12 +560,18 @@ pub fn snapshot_stopped() {
     }
 }
 
-/// Snapshot hook: `x-snapshot-save` ended; returns whether its hold on the vCPUs must be kept (`postmigrate`).
-/// Without QMP nothing could have paused the VM, so a completed save without `resume` keeps it.
-pub fn snapshot_finished(completed: bool, resume: bool) -> bool {
-    CONTROL.get().map_or(completed && !resume, |c| {
-        c.snapshot_finished(completed, resume)
-    })
+/// Snapshot hook: `x-snapshot-save` ended; `keep` stores its hold on the vCPUs when it must be kept
+/// (`postmigrate`), and the result says whether it was. Without QMP nothing could have paused the VM, so a
+/// completed save without `resume` keeps it.
+pub fn snapshot_finished(completed: bool, resume: bool, keep: impl FnOnce()) -> bool {
+    match CONTROL.get() {
+        Some(c) => c.snapshot_finished(completed, resume, keep),
+        None if completed && !resume => {
+            keep();
+            true
+        }
+        None => false,
+    }
 }
 
 /// Migration hook: the incoming stream was loaded; `source_running`: the source's guest ran when it stopped.

@@ -534,6 +534,35 @@ fn snapshot_save_run_states_and_events_follow_qemu() {
         q.ok("cont", json!({}));
         assert_eq!(q.status(), "running");
         assert_eq!(q.take_events(), ["RESUME"]);
+
+        // `enlighten snapshot --resume` (another QMP client): the VM runs on afterwards.
+        let cli = Command::new(env!("CARGO_BIN_EXE_enlighten"))
+            .args(["snapshot", "--resume", "-qmp"])
+            .arg(format!("unix:{}", sock.display()))
+            .arg(file("st-f.state"))
+            .output()
+            .expect("run enlighten snapshot");
+        let err = String::from_utf8_lossy(&cli.stderr);
+        assert!(
+            cli.status.success() && err.contains("snapshot written to"),
+            "{err}"
+        );
+        let start = Instant::now();
+        while q.status() != "running" {
+            assert!(start.elapsed() < Duration::from_secs(20), "not resumed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            q.take_events(),
+            [
+                "MIGRATION setup",
+                "MIGRATION active",
+                "STOP",
+                "MIGRATION completed",
+                "RESUME"
+            ]
+        );
+        assert!(scratch("st-f.state.mem").exists());
     }));
     let _ = vm.kill();
     let _ = vm.wait();

@@ -100,11 +100,7 @@ impl MigrationControl {
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        // The hold goes to `held` first and the run state changes after: a `cont` in between finds `save-vm`
-        // (refused) rather than `postmigrate` with nothing to release. Lock order: never `held` while the QMP
-        // glue's state is taken (its `cont` takes them the other way round).
         let completed = r.is_ok();
-        *lock(&self.held) = Some(paused);
         {
             let mut i = lock(&self.info);
             i.total_ms = t0.elapsed().as_millis() as u64;
@@ -131,11 +127,13 @@ impl MigrationControl {
         if restarts {
             status_event(status);
         }
-        if !crate::qmp_glue::snapshot_finished(completed, resume) {
-            // Running again (RESUME sent), or held by `stop` or `-S`: this hold is not needed.
-            let held = lock(&self.held).take();
-            drop(held);
-        }
+        // Kept in `held` (postmigrate, until `cont`), or dropped: running again (RESUME sent), or held by
+        // `stop` or `-S`.
+        let mut paused = Some(paused);
+        crate::qmp_glue::snapshot_finished(completed, resume, || {
+            *lock(&self.held) = paused.take();
+        });
+        drop(paused);
         if !restarts {
             status_event(status);
         }
