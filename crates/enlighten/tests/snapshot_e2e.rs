@@ -403,7 +403,7 @@ fn snapshot_save_run_states_and_events_follow_qemu() {
             a
         };
         std::fs::create_dir_all(scratch("st-c-dir").join("x")).expect("a directory in the way");
-        // MIGRATION events only with QEMU's `events` capability.
+        // As a QEMU client would (`x-snapshot-save` sends its MIGRATION events with or without it).
         q.ok(
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "events", "state": true }] }),
