@@ -594,7 +594,11 @@ impl Ctx {
                 if let Some(d) = self.throttle.before_entry(&shared.throttle) {
                     // Auto-converge: sleep before the next entry. A kick (pause, stop, interrupt) ends the wait
                     // early and the loop re-checks everything first.
-                    st = me.wake.wait_timeout(st, d).unwrap_or_else(|e| e.into_inner()).0;
+                    st = me
+                        .wake
+                        .wait_timeout(st, d)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                     continue;
                 }
                 self.reported_stuck = false;

@@ -64,8 +64,8 @@ pub struct LiveStats {
     pub pages_per_second: f64,
     /// Pages the guest dirtied per second between the last two syncs.
     pub dirty_pages_rate: u64,
-    /// Estimated downtime (ms) if the source stopped now: the dirty pages over the pages per second (zero pages
-    /// included) the last pass processed.
+    /// Estimated downtime (ms) if the source stopped now: the dirty bytes over the last pass's bandwidth (QEMU's
+    /// estimate), or the dirty pages over the pages per second (zero pages included) it processed if larger.
     pub expected_downtime_ms: u64,
     /// Time from the start of the save to pass 1 (ms).
     pub setup_ms: u64,
@@ -659,8 +659,14 @@ pub fn save_live<W: Write>(
         sync_at = Instant::now();
         let n = dirty.count();
         let remaining = n * PAGE_SIZE as u64;
-        let expected_ms = if page_rate > 0.0 {
-            (n as f64 / page_rate * 1000.0).ceil() as u64
+        // QEMU estimates the downtime as the bytes still to send over the measured bandwidth. Pages per second
+        // (zero pages included) is the other bound: pass 1 skips untouched zero pages at a rate no link has, so
+        // after it a pages-only estimate would call a few MiB of dirty pages converged before auto-converge can
+        // act. The larger of the two.
+        let expected_ms = if page_rate > 0.0 && bandwidth > 0.0 {
+            let by_pages = n as f64 / page_rate;
+            let by_bytes = remaining as f64 / bandwidth;
+            (by_pages.max(by_bytes) * 1000.0).ceil() as u64
         } else {
             u64::MAX
         };
