@@ -27,6 +27,8 @@
 //! performance counter of retired instructions. RFLAGS.RF is cleared, as after any completed instruction.
 //! `ENLIGHTEN_NO_RET_FOLD=1` in the VMM's environment turns the fold off (a diagnostic for benchmarks).
 
+use std::sync::atomic::Ordering;
+
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -146,8 +148,12 @@ pub fn walk_long(
     let mut no_exec = false;
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level - 1);
-        let entry = mem
-            .read_obj::<u64>(GuestAddress(table + 8 * ((linear >> shift) & 0x1FF)))
+        // One atomic 8-byte load per entry, as the processor reads it: another vCPU may be rewriting the entry.
+        let entry: u64 = mem
+            .load(
+                GuestAddress(table + 8 * ((linear >> shift) & 0x1FF)),
+                Ordering::Relaxed,
+            )
             .ok()?;
         if entry & PTE_P == 0 || entry & PTE_A == 0 {
             return None;
@@ -242,8 +248,16 @@ pub fn fold_ret(
         if !allowed {
             return Err(NoFold::StackAccess);
         }
-        mem.read_slice(&mut bytes[part], GuestAddress(w.phys))
-            .map_err(|_| NoFold::NotRam)?;
+        if part.len() == 8 && w.phys.is_multiple_of(8) {
+            // An aligned return address is read in one access, as the processor does.
+            let v: u64 = mem
+                .load(GuestAddress(w.phys), Ordering::Relaxed)
+                .map_err(|_| NoFold::NotRam)?;
+            bytes = v.to_le_bytes();
+        } else {
+            mem.read_slice(&mut bytes[part], GuestAddress(w.phys))
+                .map_err(|_| NoFold::NotRam)?;
+        }
     }
     let target = u64::from_le_bytes(bytes);
     if !canonical(target, bits) {
@@ -708,6 +722,24 @@ mod tests {
             } else {
                 assert_eq!(r, before, "{what}: registers unchanged");
             }
+        }
+    }
+
+    #[test]
+    fn misaligned_return_address_in_one_page() {
+        let m = setup(false);
+        m.write_obj(RET, GuestAddress(CODE_PA)).unwrap();
+        for off in 0..8u64 {
+            let rsp = 0x2100 + off; // page 2 → PA 0x10_2000
+            m.write_obj(TARGET + off, GuestAddress(0x10_2100 + off))
+                .unwrap();
+            let mut r = kvm_regs { rsp, ..regs() };
+            assert_eq!(
+                fold_ret(&m, on(), &mut r, &long_sregs()),
+                Ok(()),
+                "offset {off}"
+            );
+            assert_eq!((r.rip, r.rsp), (TARGET + off, rsp + 8), "offset {off}");
         }
     }
 
