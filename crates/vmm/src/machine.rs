@@ -420,7 +420,8 @@ pub(crate) struct VmShared {
     pub rendezvous: Mutex<()>,
     /// Life-cycle observer (the QMP glue).
     pub lifecycle_hook: OnceLock<Arc<dyn crate::lifecycle::LifecycleHook>>,
-    /// Bumped by every reset, which rewrites guest RAM where KVM's dirty log cannot see it (migration).
+    /// Bumped twice by every reset, which rewrites guest RAM where KVM's dirty log cannot see it (migration):
+    /// to an odd value before the reset touches RAM, to an even one after. Odd = a reset is rewriting RAM.
     pub ram_epoch: AtomicU64,
     /// vCPU throttle of live migration's auto-converge (off unless a migration set it).
     pub throttle: crate::throttle::CpuThrottle,
@@ -860,7 +861,8 @@ impl VmShared {
             .map_err(|e| format!("KVM_GET_DIRTY_LOG (slot {slot}): {e}"))
     }
 
-    /// Counts guest RAM resets (a reset rewrites all of RAM behind KVM's dirty log).
+    /// Counts guest RAM resets, twice each (a reset rewrites all of RAM behind KVM's dirty log): odd while one
+    /// is rewriting RAM.
     pub(crate) fn ram_epoch(&self) -> u64 {
         self.ram_epoch.load(Ordering::SeqCst)
     }
@@ -1378,11 +1380,16 @@ impl Machine {
         if self.shared.stopping() {
             return Ok(());
         }
-        clear_ram(&self.shared.mem, &self.shared.layout)?;
-        let entry = self.loader.load(&self.shared.mem, &self.shared.layout)?;
-        boot::write_boot_structures(&self.shared.mem, entry.mode)?;
-        // After the rewrite: a migration that sees the new epoch resends all of RAM.
+        // Before the rewrite (odd: a migration pass that ends now must not trust its vCPU state or RAM) and
+        // after it (a migration that sees the new epoch resends all of RAM).
         self.shared.ram_epoch.fetch_add(1, Ordering::SeqCst);
+        let rewritten = clear_ram(&self.shared.mem, &self.shared.layout).and_then(|()| {
+            let entry = self.loader.load(&self.shared.mem, &self.shared.layout)?;
+            boot::write_boot_structures(&self.shared.mem, entry.mode)?;
+            Ok(entry)
+        });
+        self.shared.ram_epoch.fetch_add(1, Ordering::SeqCst);
+        let entry = rewritten?;
         self.shared.devices.reset();
         if let Some(h) = self.shared.vcpu_hook.get() {
             h.vm_reset();

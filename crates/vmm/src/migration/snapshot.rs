@@ -1,7 +1,8 @@
 //! Firecracker-style snapshots: a small, checksummed **state file** plus a raw **memory file**.
 //!
 //! The state file is a migration stream ([`super::format`]) with the Config, Vcpu, Device and Engine sections
-//! of [`super::vm::save`], and one MemoryFile section ([`MemoryFileSection`]) in place of the Memory sections.
+//! a live migration sends (written by `vm::write_state`), and one MemoryFile section
+//! ([`MemoryFileSection`]) in place of the Memory sections.
 //! The memory file is guest RAM as it is, region after region (file offset = RAM offset, not guest physical
 //! address, so the hole below 4 GiB costs nothing); zero pages are left as holes, so the file is sparse.
 //!
@@ -248,7 +249,7 @@ struct Chunk {
     runs: Vec<(usize, usize)>,
 }
 
-/// Takes a snapshot of the paused machine: the state sections (see [`super::vm::save`]) and a MemoryFile
+/// Takes a snapshot of the paused machine: the state sections (see `vm::write_state`) and a MemoryFile
 /// section go to `state`, guest RAM to the raw file `memory`. `state_path` is where the state file will end
 /// up (it may be written elsewhere first and renamed): the MemoryFile section records `memory` relative to
 /// its directory as well as absolute. `paused` must cover every vCPU. `Stats::bytes` counts the state file

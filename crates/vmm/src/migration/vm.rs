@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
-    ConfigSection, PageBatch, Section, SectionKind, StreamError, StreamReader, StreamWriter,
-    PAGE_SIZE,
+    ConfigSection, Section, SectionKind, StreamError, StreamReader, StreamWriter, PAGE_SIZE,
 };
 use crate::apic::ApicState;
 use crate::hv::HvGlue;
@@ -336,51 +335,6 @@ pub(crate) fn write_machine_state<W: Write>(
         let _ = hv.take_dirty_pages();
     }
     Ok(())
-}
-
-/// Writes the complete state of the paused machine to `out`: config, every vCPU, the engine, then guest RAM
-/// without its zero pages. `paused` must cover every vCPU.
-pub fn save<W: Write>(
-    paused: &Paused,
-    hv: Option<&HvGlue>,
-    config: &ConfigSection,
-    out: W,
-    progress: Progress<'_>,
-) -> Result<(W, Stats), MigrationError> {
-    let shared = paused.machine().clone();
-    let mut w = StreamWriter::new(out)?;
-    write_state(paused, hv, config, &mut w)?;
-    let mut batch = PageBatch::default();
-    let total = shared.layout.ram_size;
-    let mut done = 0u64;
-    let mut page = [0u8; PAGE_SIZE];
-    for r in &shared.layout.regions {
-        let mut gpa = r.start;
-        while gpa < r.start + r.size {
-            shared
-                .mem
-                .read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| vm_err(format!("cannot read guest RAM at {gpa:#x}: {e}")))?;
-            batch.add(&mut w, gpa, &page)?;
-            gpa += PAGE_SIZE as u64;
-            done += PAGE_SIZE as u64;
-            if done.is_multiple_of(64 << 20) {
-                progress(done, total);
-            }
-        }
-    }
-    batch.flush(&mut w)?;
-    progress(total, total);
-    let bytes = w.written() + 16;
-    let out = w.finish()?;
-    Ok((
-        out,
-        Stats {
-            bytes,
-            pages: batch.sent_pages,
-            zero_pages: batch.zero_pages,
-        },
-    ))
 }
 
 /// Zeroes guest RAM (pages elided from the stream are zero).

@@ -740,11 +740,11 @@ pub fn save_live<W: Write>(
 /// vCPU, which a vCPU only acts on once nobody pauses it, i.e. after this pass. So the race is real, and
 /// worse than pages left unsent: even when the final sync saw the new epoch and sent all of RAM, the vCPU
 /// state just written is the one from before the reset. Such a pass fails (the source resumes, its vCPUs
-/// reset, and `migrate` can be tried again). Detected: any reset that bumped the epoch after the final sync,
-/// and any reset whose vCPU requests are still queued (posted before or during the pass). Not detected: a
-/// reset still between its pause and its epoch bump when this check runs (clearing or reloading RAM); closing
-/// that window needs the reset to mark itself before it touches RAM (e.g. an odd epoch while rewriting, which
-/// the pass would wait out), in `machine.rs`. A reset of a VM paused by `stop` also leaves its requests queued
+/// reset, and `migrate` can be tried again). Detected: any reset that bumped the epoch after the final sync
+/// (a reset makes it odd before it touches RAM and even again after), a reset that was rewriting RAM at the
+/// final sync (odd epoch), and any reset whose vCPU requests are still queued (posted before or during the
+/// pass). A reset that has paused the vCPUs but not yet touched anything when this check runs happens, as
+/// far as the destination is concerned, after the migration. A reset of a VM paused by `stop` also leaves its requests queued
 /// until `cont`: such a VM cannot be saved before it has run again (its vCPU state is the one from before the
 /// reset). [`crate::migration::snapshot::save_snapshot`] applies the same check to its one pass.
 pub(crate) fn no_reset_overlap(shared: &VmShared, synced_epoch: u64) -> Result<(), MigrationError> {
@@ -754,7 +754,7 @@ pub(crate) fn no_reset_overlap(shared: &VmShared, synced_epoch: u64) -> Result<(
             .iter()
             .any(|r| matches!(r, crate::machine::VcpuRequest::Reset { .. }))
     });
-    if queued || shared.ram_epoch() != synced_epoch {
+    if queued || synced_epoch % 2 == 1 || shared.ram_epoch() != synced_epoch {
         return Err(vm_err(
             "the guest was reset while its state was being saved, or a reset is still pending on its \
              vCPUs (a reset cannot be carried over): the VM continues; save it again once it has run",
@@ -933,32 +933,50 @@ mod tests {
         };
         let handle = m.handle();
         let shared = handle.shared().clone();
-        // (case, requests queued on vCPU 1, epoch bumps after the sync, refused)
-        let cases: &[(&str, &[VcpuRequest], u64, bool)] = &[
-            ("nothing happened", &[], 0, false),
+        // (case, requests queued on vCPU 1, RAM epoch at the final sync, at the check, refused)
+        let cases: &[(&str, &[VcpuRequest], u64, u64, bool)] = &[
+            ("nothing happened", &[], 4, 4, false),
             (
                 "a TLB flush is not a reset",
                 &[VcpuRequest::FlushTlb],
-                0,
+                4,
+                4,
                 false,
             ),
-            ("RAM rewritten after the final sync", &[], 1, true),
+            (
+                "a reset began rewriting RAM after the final sync",
+                &[],
+                4,
+                5,
+                true,
+            ),
+            ("a reset rewrote RAM after the final sync", &[], 4, 6, true),
+            (
+                "a reset was rewriting RAM at the final sync",
+                &[],
+                5,
+                5,
+                true,
+            ),
+            ("a reset finished after the final sync", &[], 5, 6, true),
             (
                 "vCPU resets still queued",
                 &[VcpuRequest::Reset { entry: None }],
-                0,
+                6,
+                6,
                 true,
             ),
         ];
-        for (name, requests, bumps, refused) in cases {
+        for &(name, requests, at_sync, at_check, refused) in cases {
+            shared.ram_epoch.store(at_sync, Ordering::SeqCst);
             let synced = shared.ram_epoch();
             let held = handle.hold_all();
             for r in requests.iter() {
                 held.post(1, *r);
             }
-            shared.ram_epoch.fetch_add(*bumps, Ordering::SeqCst);
+            shared.ram_epoch.store(at_check, Ordering::SeqCst);
             let r = no_reset_overlap(&shared, synced);
-            assert_eq!(r.is_err(), *refused, "{name}: {:?}", r.err());
+            assert_eq!(r.is_err(), refused, "{name}: {:?}", r.err());
             if let Err(e) = r {
                 assert!(e
                     .to_string()
