@@ -6,13 +6,13 @@
 
 mod guest_common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use guest_common::qmp::Qmp;
 use guest_common::{assert_passed_with, kernel, qemu_style_args, run_raw, Outcome};
 use serde_json::{json, Value};
 
@@ -34,110 +34,6 @@ fn guest_args(cpu: &str, extra: &[&str]) -> Vec<String> {
     let mut e = vec!["-cpu", cpu];
     e.extend_from_slice(extra);
     qemu_style_args(kernel("hv_reftime"), 2, Some(ROUNDS), &e)
-}
-
-/// A QMP client over a Unix socket (JSON lines).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events seen so far (name, data).
-    events: Vec<(String, Value)>,
-}
-
-impl Qmp {
-    fn connect(path: &std::path::Path) -> Qmp {
-        let start = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if start.elapsed() < Duration::from_secs(20) => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        let mut q = Qmp {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-            events: Vec::new(),
-        };
-        let greeting = q.line();
-        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
-        let r = q.cmd("qmp_capabilities", json!({}));
-        assert!(r.get("return").is_some(), "{r}");
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.reader.read_line(&mut l).expect("QMP read");
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
-    }
-
-    /// Sends a command and returns its `return` or `error` reply (events are skipped).
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let msg = json!({"execute": name, "arguments": args});
-        writeln!(self.writer, "{msg}").expect("QMP write");
-        loop {
-            let v = self.line();
-            if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
-            }
-            if let Some(name) = v["event"].as_str() {
-                self.events.push((name.to_string(), v["data"].clone()));
-            }
-        }
-    }
-
-    /// Turns on the `events` migration capability (QEMU sends MIGRATION and MIGRATION_PASS only then).
-    fn enable_events(&mut self) {
-        let r = self.cmd(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "events", "state": true}]}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
-    }
-
-    /// [`Qmp::migrate`] to a TCP destination that may not listen yet: a refused connection fails the migration
-    /// and the source resumes, so try again (a probe connection would take the destination's only accept).
-    fn migrate_when_listening(&mut self, uri: &str) -> Value {
-        let mut q = Value::Null;
-        for _ in 0..50 {
-            q = self.migrate(uri);
-            let refused = q["status"] == "failed"
-                && q["error-desc"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Failed to connect");
-            if !refused {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        q
-    }
-
-    /// `migrate` then polls `query-migrate` until it ends; returns the final query reply.
-    fn migrate(&mut self, uri: &str) -> Value {
-        let r = self.cmd("migrate", json!({ "uri": uri }));
-        assert!(r.get("return").is_some(), "migrate {uri}: {r}");
-        let start = Instant::now();
-        loop {
-            let q = self.cmd("query-migrate", json!({}));
-            let status = q["return"]["status"].as_str().unwrap_or("").to_string();
-            if status == "completed" || status == "failed" {
-                return q["return"].clone();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "migration hangs: {q}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 /// A running source with a QMP socket.

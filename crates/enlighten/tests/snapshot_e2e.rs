@@ -8,14 +8,14 @@
 
 mod guest_common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use guest_common::qmp::Qmp;
 use guest_common::{assert_passed_with, kernel, qemu_style_args, run_raw, Outcome};
 use serde_json::{json, Value};
 
@@ -252,109 +252,6 @@ fn snapshot_and_restore_help() {
         .expect("run enlighten");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: enlighten snapshot"));
-}
-
-/// A QMP client over a Unix socket (JSON lines) that keeps the events it reads.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: Vec<(String, Value)>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let start = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        let mut q = Qmp {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-            events: Vec::new(),
-        };
-        let mut greeting = String::new();
-        q.reader.read_line(&mut greeting).expect("QMP greeting");
-        assert!(greeting.contains("\"QMP\""), "greeting: {greeting}");
-        q.ok("qmp_capabilities", json!({}));
-        q
-    }
-
-    /// Sends a command; returns its `return` or `error` reply, keeping the events read before it.
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let msg = json!({"execute": name, "arguments": args});
-        writeln!(self.writer, "{msg}").expect("QMP write");
-        loop {
-            let mut l = String::new();
-            self.reader.read_line(&mut l).expect("QMP read");
-            let v: Value =
-                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"));
-            if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
-            }
-            if let Some(name) = v["event"].as_str() {
-                self.events.push((name.to_string(), v["data"].clone()));
-            }
-        }
-    }
-
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(name, args.clone());
-        r.get("return")
-            .cloned()
-            .unwrap_or_else(|| panic!("{name} {args}: {r}"))
-    }
-
-    fn status(&mut self) -> String {
-        let r = self.ok("query-status", json!({}));
-        r["status"].as_str().unwrap_or("").to_string()
-    }
-
-    /// The run-state events (STOP, RESUME) and MIGRATION statuses read so far, in order, then forgets them.
-    fn take_events(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.events)
-            .into_iter()
-            .filter_map(|(name, data)| match name.as_str() {
-                "STOP" | "RESUME" => Some(name),
-                "MIGRATION" => Some(format!(
-                    "MIGRATION {}",
-                    data["status"].as_str().unwrap_or("")
-                )),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// `x-snapshot-save`, then `query-status` as fast as QMP answers until the save has ended and the run
-    /// state is `end`. Returns the run states seen (each once, in order) and the final `query-migrate`.
-    fn snapshot_save(&mut self, args: Value, end: &str) -> (Vec<String>, Value) {
-        self.ok("x-snapshot-save", args);
-        let start = Instant::now();
-        let mut seen: Vec<String> = Vec::new();
-        loop {
-            let st = self.status();
-            if seen.last() != Some(&st) {
-                seen.push(st.clone());
-            }
-            let q = self.ok("query-migrate", json!({}));
-            if matches!(q["status"].as_str(), Some("completed" | "failed")) && st == end {
-                // One more command: every event sent before the state change has been read.
-                self.ok("query-status", json!({}));
-                return (seen, q);
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the save hangs: {q}, states {seen:?}"
-            );
-        }
-    }
 }
 
 /// QMP `x-snapshot-save` and QEMU's `savevm` run states: a running VM is `save-vm` while it is written, with

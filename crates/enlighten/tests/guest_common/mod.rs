@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod qmp;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex};
