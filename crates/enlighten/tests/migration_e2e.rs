@@ -1090,7 +1090,7 @@ fn max_bandwidth_is_honoured_and_migrate_cancel_resumes_the_source() {
     assert_passed_with(&s, DIRTY_PASS_LINES);
 }
 
-/// `migr_busy` settings: 512 pages (2 MiB) rewritten by a CPU-bound loop for 15 s of reference time.
+/// `migr_dirty` settings for auto-converge: 512 pages (2 MiB) rewritten by a CPU-bound loop for 15 s of reference time.
 const BUSY_APPEND: &str = "pages=512 spin=100 ms=15000";
 /// 16 MiB of RAM: a short pass 1, so that the test spends its time in the passes auto-converge acts on.
 const BUSY_EXTRA: &[&str] = &["-m", "16"];
@@ -1101,15 +1101,15 @@ const BUSY_PASS_LINES: &[&str] = &[
 
 #[test]
 fn auto_converge_throttles_a_guest_that_dirties_memory_faster_than_the_link() {
-    // migr_busy dirties its 2 MiB at a rate R proportional to the CPU time it gets; the link is limited to half
+    // migr_dirty with spin= dirties its 2 MiB at a rate R proportional to the CPU time it gets; the link is limited to half
     // of R. Without throttling, pre-copy never converges (every pass finds the whole working set dirty again:
     // MAX_SYNCS passes, then a stop). With auto-converge, the vCPU is throttled at 50 % after two periods that
     // dirtied more than half of what they sent, then at 75 %, 99 %...: the dirty rate falls below the link's and
     // pre-copy converges within the downtime limit, well before MAX_SYNCS.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (spec, _dq, dst) = guest_destination("migr_busy", "busy", BUSY_APPEND, BUSY_EXTRA);
+    let (spec, _dq, dst) = guest_destination("migr_dirty", "busy", BUSY_APPEND, BUSY_EXTRA);
     let sock = PathBuf::from(spec.trim_start_matches("unix:"));
-    let mut src = DirtySource::start_guest("migr_busy", "busy", BUSY_APPEND, BUSY_EXTRA);
+    let mut src = DirtySource::start_guest("migr_dirty", "busy", BUSY_APPEND, BUSY_EXTRA);
     // Capabilities: QEMU's defaults (all off), QEMU's names; unsupported ones refused, nothing half-applied.
     let caps = src.qmp.cmd("query-migrate-capabilities", json!({}));
     let list = caps["return"].as_array().cloned().unwrap_or_default();
