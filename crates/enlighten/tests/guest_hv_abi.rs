@@ -35,6 +35,9 @@ fn hypercall_statuses_and_register_preservation() {
                 "SignalEvent with a misaligned input GPA: status 4",
                 "SignalEvent with an input GPA outside RAM: status 4",
                 "200 consecutive calls through the page",
+                "return path, stack in one page: RSP after the call",
+                "return path, return address split across two distant frames",
+                "`out` followed by `mov al, 0x77; ret`: RSP after the call",
             ],
         );
         if append.contains("synic=1") {
