@@ -330,6 +330,21 @@ impl HypervTestDev {
             HypervTestDevLink { inner },
         )
     }
+
+    /// Checks a saved `hyperv-testdev` device state as [`PioDevice::restore_state`] does before it changes
+    /// anything, for a device connected to an engine with `engine = Some((vcpus, synic))` (or not connected:
+    /// `None`), and returns the state a save writes after that restore: restoring it again is accepted and gives
+    /// itself. Pure: for tests and the fuzz harness (the real restore also re-registers the connections with
+    /// the engine).
+    pub fn check_state(
+        version: u32,
+        state: &serde_json::Value,
+        engine: Option<(usize, bool)>,
+    ) -> Result<serde_json::Value, String> {
+        let saved: SavedTestDev = super::decode_state(version, TESTDEV_STATE_VERSION, state)?;
+        let st = check_saved(saved, engine)?;
+        Ok(super::encode_state(&saved_of(&st)))
+    }
 }
 
 impl HypervTestDevLink {
@@ -388,39 +403,114 @@ fn saved_target(t: Target) -> SavedTarget {
     }
 }
 
+/// The saved form of `st`, in a stable order (equal states save equally).
+fn saved_of(st: &State) -> SavedTestDev {
+    let mut s = SavedTestDev {
+        routes: st.routes.iter().copied().collect(),
+        msg_conns: st
+            .msg_conns
+            .iter()
+            .map(|(&c, &t)| (c, saved_target(t)))
+            .collect(),
+        evt_conns: st
+            .evt_conns
+            .iter()
+            .map(|(&c, &t)| (c, saved_target(t)))
+            .collect(),
+        staged: st
+            .staged
+            .iter()
+            .map(|(&conn, e)| SavedEcho {
+                conn,
+                target: saved_target(e.target),
+                message_type: e.message_type,
+                payload: e.payload.clone(),
+            })
+            .collect(),
+        latched: st.latched,
+    };
+    s.routes.sort_unstable();
+    s.msg_conns.sort_unstable_by_key(|&(c, _)| c);
+    s.evt_conns.sort_unstable_by_key(|&(c, _)| c);
+    s.staged.sort_unstable_by_key(|e| e.conn);
+    s
+}
+
+/// What a restore checks, with nothing changed: `engine` is the connected engine's vCPU count and whether it
+/// has a SynIC (`None`: not connected, so no connection or echo can be restored). Returns the state the
+/// restore installs. Routes name a VP index (a command's byte) and a SINT below 16, each once; connections
+/// and echoes name an existing vCPU's SynIC SINT, each connection once, an echo only on an existing message
+/// connection with at most 240 payload bytes. So an accepted state has at most 4096 routes, 256 connections
+/// of each kind and 256 echoes.
+fn check_saved(saved: SavedTestDev, engine: Option<(usize, bool)>) -> Result<State, String> {
+    let target = |t: SavedTarget| -> Result<Target, String> {
+        let (vps, synic) = engine.ok_or("the device is not connected to the Hyper-V engine")?;
+        let ok = (t.vp as usize) < vps && usize::from(t.sint) < tlfs::msr::SINT_COUNT && synic;
+        ok.then_some(Target {
+            vp: VpId(t.vp),
+            sint: t.sint,
+        })
+        .ok_or_else(|| format!("no SynIC SINT {} on vCPU {}", t.sint, t.vp))
+    };
+    let mut routes = HashSet::new();
+    for &(vp, sint) in &saved.routes {
+        if vp > u32::from(u8::MAX) || usize::from(sint) >= tlfs::msr::SINT_COUNT {
+            return Err(format!("a SINT route to SINT {sint} of VP index {vp}"));
+        }
+        if !routes.insert((vp, sint)) {
+            return Err(format!(
+                "the route to SINT {sint} of VP index {vp} appears twice"
+            ));
+        }
+    }
+    let mut msg_conns = HashMap::new();
+    for &(c, t) in &saved.msg_conns {
+        if msg_conns.insert(c, target(t)?).is_some() {
+            return Err(format!("message connection {c} appears twice"));
+        }
+    }
+    let mut evt_conns = HashMap::new();
+    for &(c, t) in &saved.evt_conns {
+        if evt_conns.insert(c, target(t)?).is_some() {
+            return Err(format!("event connection {c} appears twice"));
+        }
+    }
+    let mut staged = HashMap::new();
+    for e in saved.staged {
+        if !msg_conns.contains_key(&e.conn) {
+            return Err(format!(
+                "a waiting echo on connection {} has no connection",
+                e.conn
+            ));
+        }
+        if e.payload.len() > hc::MESSAGE_PAYLOAD_MAX as usize {
+            return Err(format!(
+                "a waiting echo of {} bytes (at most {})",
+                e.payload.len(),
+                hc::MESSAGE_PAYLOAD_MAX
+            ));
+        }
+        let s = Staged {
+            target: target(e.target)?,
+            message_type: e.message_type,
+            payload: e.payload,
+        };
+        if staged.insert(e.conn, s).is_some() {
+            return Err(format!("two waiting echoes on connection {}", e.conn));
+        }
+    }
+    Ok(State {
+        routes,
+        msg_conns,
+        evt_conns,
+        staged,
+        latched: saved.latched,
+    })
+}
+
 impl Inner {
     fn save(&self) -> SavedTestDev {
-        let st = lock(&self.state);
-        let mut s = SavedTestDev {
-            routes: st.routes.iter().copied().collect(),
-            msg_conns: st
-                .msg_conns
-                .iter()
-                .map(|(&c, &t)| (c, saved_target(t)))
-                .collect(),
-            evt_conns: st
-                .evt_conns
-                .iter()
-                .map(|(&c, &t)| (c, saved_target(t)))
-                .collect(),
-            staged: st
-                .staged
-                .iter()
-                .map(|(&conn, e)| SavedEcho {
-                    conn,
-                    target: saved_target(e.target),
-                    message_type: e.message_type,
-                    payload: e.payload.clone(),
-                })
-                .collect(),
-            latched: st.latched,
-        };
-        // A stable order: equal states save equally.
-        s.routes.sort_unstable();
-        s.msg_conns.sort_unstable_by_key(|&(c, _)| c);
-        s.evt_conns.sort_unstable_by_key(|&(c, _)| c);
-        s.staged.sort_unstable_by_key(|e| e.conn);
-        s
+        saved_of(&lock(&self.state))
     }
 
     /// Replaces the device's state with `saved`, re-registering its connections with the engine. Everything
@@ -428,55 +518,12 @@ impl Inner {
     /// fail half-way.
     fn restore(self: &Arc<Inner>, saved: SavedTestDev) -> Result<(), String> {
         let engine = self.engine();
-        let target = |t: SavedTarget| -> Result<Target, String> {
-            let e = engine
+        let new = check_saved(
+            saved,
+            engine
                 .as_ref()
-                .ok_or("the device is not connected to the Hyper-V engine")?;
-            let ok = (t.vp as usize) < e.config().vp_indexes.len()
-                && usize::from(t.sint) < tlfs::msr::SINT_COUNT
-                && e.config().synic;
-            ok.then_some(Target {
-                vp: VpId(t.vp),
-                sint: t.sint,
-            })
-            .ok_or_else(|| format!("no SynIC SINT {} on vCPU {}", t.sint, t.vp))
-        };
-        let mut msg_conns = HashMap::new();
-        for &(c, t) in &saved.msg_conns {
-            if msg_conns.insert(c, target(t)?).is_some() {
-                return Err(format!("message connection {c} appears twice"));
-            }
-        }
-        let mut evt_conns = HashMap::new();
-        for &(c, t) in &saved.evt_conns {
-            if evt_conns.insert(c, target(t)?).is_some() {
-                return Err(format!("event connection {c} appears twice"));
-            }
-        }
-        let mut staged = HashMap::new();
-        for e in saved.staged {
-            if !msg_conns.contains_key(&e.conn) {
-                return Err(format!(
-                    "a waiting echo on connection {} has no connection",
-                    e.conn
-                ));
-            }
-            if e.payload.len() > hc::MESSAGE_PAYLOAD_MAX as usize {
-                return Err(format!(
-                    "a waiting echo of {} bytes (at most {})",
-                    e.payload.len(),
-                    hc::MESSAGE_PAYLOAD_MAX
-                ));
-            }
-            let s = Staged {
-                target: target(e.target)?,
-                message_type: e.message_type,
-                payload: e.payload,
-            };
-            if staged.insert(e.conn, s).is_some() {
-                return Err(format!("two waiting echoes on connection {}", e.conn));
-            }
-        }
+                .map(|e| (e.config().vp_indexes.len(), e.config().synic)),
+        )?;
         let mut st = lock(&self.state);
         if let Some(engine) = engine.as_ref() {
             for &c in st.msg_conns.keys() {
@@ -485,7 +532,7 @@ impl Inner {
             for &c in st.evt_conns.keys() {
                 engine.unregister_event_connection(u32::from(c));
             }
-            for &c in msg_conns.keys() {
+            for &c in new.msg_conns.keys() {
                 let h = Arc::new(MsgConn {
                     inner: Arc::downgrade(self),
                     conn: c,
@@ -494,7 +541,7 @@ impl Inner {
                     .register_message_connection(u32::from(c), h)
                     .map_err(|e| format!("message connection {c}: {e}"))?;
             }
-            for &c in evt_conns.keys() {
+            for &c in new.evt_conns.keys() {
                 let h = Arc::new(EvtConn {
                     inner: Arc::downgrade(self),
                     conn: c,
@@ -505,14 +552,8 @@ impl Inner {
             }
         }
         self.waiting.fetch_sub(st.staged.len(), Ordering::SeqCst);
-        self.waiting.fetch_add(staged.len(), Ordering::SeqCst);
-        *st = State {
-            routes: saved.routes.into_iter().collect(),
-            msg_conns,
-            evt_conns,
-            staged,
-            latched: saved.latched,
-        };
+        self.waiting.fetch_add(new.staged.len(), Ordering::SeqCst);
+        *st = new;
         Ok(())
     }
 }
@@ -597,6 +638,171 @@ mod tests {
         for (word, want) in cases {
             assert_eq!(Command::decode(word), want, "{word:#x}");
         }
+    }
+
+    /// The pure check, as the restore applies it: accepted states come back in save form (which is accepted
+    /// again and gives itself), refused ones with their reason; an unattached device takes routes and the
+    /// latch only, and restores exactly what the check returns; a refused restore changes nothing.
+    #[test]
+    fn saved_states_are_checked_before_anything_changes() {
+        use serde_json::json;
+        let t = |vp: u32, sint: u8| json!({"vp": vp, "sint": sint});
+        let base = |routes, msg, evt, staged| {
+            json!({"routes": routes, "msg_conns": msg, "evt_conns": evt, "staged": staged,
+                   "latched": [5, 1]})
+        };
+        let echo = |conn: u8, len: usize| json!({"conn": conn, "target": t(1, 2), "message_type": 7, "payload": vec![0u8; len]});
+        let two = Some((2usize, true));
+        type Case = (
+            &'static str,
+            serde_json::Value,
+            Option<(usize, bool)>,
+            Result<(), &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "empty",
+                base(json!([]), json!([]), json!([]), json!([])),
+                None,
+                Ok(()),
+            ),
+            (
+                "routes, unattached",
+                base(
+                    json!([[3, 15], [0, 0], [255, 1]]),
+                    json!([]),
+                    json!([]),
+                    json!([]),
+                ),
+                None,
+                Ok(()),
+            ),
+            (
+                "route SINT 16",
+                base(json!([[0, 16]]), json!([]), json!([]), json!([])),
+                two,
+                Err("a SINT route to SINT 16 of VP index 0"),
+            ),
+            (
+                "route VP index 256",
+                base(json!([[256, 0]]), json!([]), json!([]), json!([])),
+                two,
+                Err("VP index 256"),
+            ),
+            (
+                "route twice",
+                base(json!([[1, 1], [1, 1]]), json!([]), json!([]), json!([])),
+                two,
+                Err("appears twice"),
+            ),
+            (
+                "connections and an echo",
+                base(
+                    json!([]),
+                    json!([[9, t(1, 2)]]),
+                    json!([[4, t(0, 15)]]),
+                    json!([echo(9, 240)]),
+                ),
+                two,
+                Ok(()),
+            ),
+            (
+                "a connection, unattached",
+                base(json!([]), json!([[9, t(1, 2)]]), json!([]), json!([])),
+                None,
+                Err("not connected to the Hyper-V engine"),
+            ),
+            (
+                "no SynIC",
+                base(json!([]), json!([]), json!([[4, t(0, 1)]]), json!([])),
+                Some((2, false)),
+                Err("no SynIC SINT 1 on vCPU 0"),
+            ),
+            (
+                "vCPU beyond the count",
+                base(json!([]), json!([[9, t(2, 2)]]), json!([]), json!([])),
+                two,
+                Err("no SynIC SINT 2 on vCPU 2"),
+            ),
+            (
+                "connection twice",
+                base(
+                    json!([]),
+                    json!([]),
+                    json!([[4, t(0, 1)], [4, t(1, 1)]]),
+                    json!([]),
+                ),
+                two,
+                Err("event connection 4 appears twice"),
+            ),
+            (
+                "echo without connection",
+                base(
+                    json!([]),
+                    json!([[9, t(1, 2)]]),
+                    json!([]),
+                    json!([echo(8, 1)]),
+                ),
+                two,
+                Err("has no connection"),
+            ),
+            (
+                "echo too long",
+                base(
+                    json!([]),
+                    json!([[9, t(1, 2)]]),
+                    json!([]),
+                    json!([echo(9, 241)]),
+                ),
+                two,
+                Err("a waiting echo of 241 bytes"),
+            ),
+            (
+                "two echoes",
+                base(
+                    json!([]),
+                    json!([[9, t(1, 2)]]),
+                    json!([]),
+                    json!([echo(9, 1), echo(9, 2)]),
+                ),
+                two,
+                Err("two waiting echoes on connection 9"),
+            ),
+            ("not an object", json!(17), two, Err("does not decode")),
+        ];
+        for (name, v, engine, want) in cases {
+            let got = HypervTestDev::check_state(1, &v, engine);
+            match (&got, want) {
+                (Ok(saved), Ok(())) => {
+                    let again = HypervTestDev::check_state(1, saved, engine);
+                    assert_eq!(again.as_ref(), Ok(saved), "{name}: not a fixed point");
+                }
+                (Err(e), Err(frag)) => assert!(e.contains(frag), "{name}: {e}"),
+                _ => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+            // An unattached device restores exactly what the unattached check accepts, and nothing else.
+            let (mut dev, _link) = HypervTestDev::new();
+            let before = base(json!([[7, 7]]), json!([]), json!([]), json!([]));
+            dev.restore_state(1, &before).unwrap();
+            let saved_before = dev.save_state();
+            match HypervTestDev::check_state(1, &v, None) {
+                Ok(want) => {
+                    dev.restore_state(1, &v).unwrap();
+                    assert_eq!(dev.save_state().map(|s| s.2), Some(want), "{name}");
+                }
+                Err(e) => {
+                    assert_eq!(dev.restore_state(1, &v), Err(e), "{name}");
+                    assert_eq!(
+                        dev.save_state(),
+                        saved_before,
+                        "{name}: a refused restore changed it"
+                    );
+                }
+            }
+        }
+        assert!(HypervTestDev::check_state(2, &json!({}), None)
+            .unwrap_err()
+            .contains("state version 2"));
     }
 
     #[test]

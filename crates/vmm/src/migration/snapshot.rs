@@ -19,6 +19,14 @@
 //! --verify-memory`) reads the whole file and checks it before the guest runs. By default nothing is read, so
 //! restore latency stays independent of the RAM size.
 //!
+//! A save writes the memory file first and renames it into place, then the state file: a save that fails
+//! in between leaves the previous state file next to the new memory file. So that a lazy restore (which
+//! reads no RAM) does not map such a mixed pair, each save draws a random 128-bit snapshot id
+//! ([`SnapshotId`]), records it in the MemoryFile section and writes it in a 32-byte trailer after the RAM
+//! image ([`MemoryTrailer`]); restore reads the trailer (one 32-byte read) and refuses a memory file whose id
+//! is not the state file's. The mapping covers only the RAM image. A state file without an id (an older
+//! enlighten) expects a memory file of exactly the RAM size, as before, and is not checked.
+//!
 //! The memory file must not change while a VM restored from it runs: a private mapping still shows the file's
 //! later changes in pages the guest has not written. [`write_memory_file`] therefore writes a new file and
 //! renames it over the old one, so a running VM keeps the inode it mapped.
@@ -64,15 +72,91 @@ pub struct MemoryFileSection {
     /// The memory file's path relative to the state file's directory (lexical, `..` where needed).
     #[serde(default)]
     pub relative: Option<String>,
-    /// CRC32 (IEEE, `crc32fast`) of the whole memory file, holes read as zeros.
+    /// CRC32 (IEEE, `crc32fast`) of the memory file's RAM image (the trailer excluded), holes read as zeros.
     #[serde(default)]
     pub crc32: Option<u32>,
-    /// The memory file's size in bytes (the RAM size).
+    /// The snapshot id (32 lowercase hex digits, [`SnapshotId`]) that the memory file's trailer repeats. A
+    /// state file without it (an older enlighten) has a memory file without trailer.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The RAM image's size in bytes (the RAM size; with an `id` the file is [`MEMORY_TRAILER_LEN`] longer).
     pub size: u64,
     /// How the file maps onto guest RAM.
     pub regions: Vec<MemoryFileRegion>,
     /// Non-zero pages written when the snapshot was taken (information only).
     pub pages: u64,
+}
+
+/// A random 128-bit id that ties a snapshot's state file to its memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotId(pub [u8; 16]);
+
+impl SnapshotId {
+    /// 16 bytes from the kernel's random source.
+    pub fn random() -> std::io::Result<SnapshotId> {
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        File::open("/dev/urandom")?.read_exact(&mut b)?;
+        Ok(SnapshotId(b))
+    }
+
+    /// 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`SnapshotId::to_hex`]'s form (exactly 32 hex digits, either case).
+    pub fn from_hex(s: &str) -> Result<SnapshotId, String> {
+        let bad = || format!("the snapshot id {s:?} is not 32 hex digits");
+        if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(SnapshotId(b))
+    }
+}
+
+/// Length of the trailer after the RAM image in a memory file with a snapshot id.
+pub const MEMORY_TRAILER_LEN: u64 = 32;
+/// The trailer's first 8 bytes.
+pub const MEMORY_TRAILER_MAGIC: [u8; 8] = *b"ENLMEMID";
+
+/// The trailer after a memory file's RAM image: `magic[8] | RAM image size u64 LE | snapshot id[16]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryTrailer {
+    /// The RAM image's size (the offset of the trailer).
+    pub size: u64,
+    /// The snapshot id.
+    pub id: SnapshotId,
+}
+
+impl MemoryTrailer {
+    /// The trailer's bytes.
+    pub fn encode(&self) -> [u8; MEMORY_TRAILER_LEN as usize] {
+        let mut b = [0u8; MEMORY_TRAILER_LEN as usize];
+        b[..8].copy_from_slice(&MEMORY_TRAILER_MAGIC);
+        b[8..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..].copy_from_slice(&self.id.0);
+        b
+    }
+
+    /// Decodes a trailer; `None` when the magic is missing.
+    pub fn decode(b: &[u8; MEMORY_TRAILER_LEN as usize]) -> Option<MemoryTrailer> {
+        if b[..8] != MEMORY_TRAILER_MAGIC {
+            return None;
+        }
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&b[8..16]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[16..]);
+        Some(MemoryTrailer {
+            size: u64::from_le_bytes(size),
+            id: SnapshotId(id),
+        })
+    }
 }
 
 fn vm_err(e: impl std::fmt::Display) -> MigrationError {
@@ -111,16 +195,18 @@ pub struct MemoryFileWritten {
     pub crc32: u32,
 }
 
-/// Writes guest RAM to `path` as a sparse raw file (zero pages are holes): into a new file next to `path`,
-/// then renamed over it. The CRC32 is computed on the way, from the bytes read.
+/// Writes guest RAM to `path` as a sparse raw file (zero pages are holes), followed by the trailer with `id`
+/// when there is one: into a new file next to `path`, then renamed over it. The CRC32 is computed on the way,
+/// from the bytes read (the RAM image only).
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     path: &Path,
+    id: Option<SnapshotId>,
     progress: Progress<'_>,
 ) -> Result<MemoryFileWritten, MigrationError> {
     let tmp = temp_name(path);
-    let r = write_sparse(mem, layout, &tmp, progress).and_then(|counts| {
+    let r = write_sparse(mem, layout, &tmp, id, progress).and_then(|counts| {
         std::fs::rename(&tmp, path).map_err(|e| {
             vm_err(format!(
                 "cannot rename {} to {}: {e}",
@@ -146,6 +232,7 @@ fn write_sparse(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     path: &Path,
+    id: Option<SnapshotId>,
     progress: Progress<'_>,
 ) -> Result<MemoryFileWritten, MigrationError> {
     let io = |what: &str, e: std::io::Error| vm_err(format!("{what} {}: {e}", path.display()));
@@ -153,6 +240,14 @@ fn write_sparse(
     // A file of the right size made of holes; only non-zero pages are written.
     f.set_len(layout.ram_size)
         .map_err(|e| io("cannot size", e))?;
+    if let Some(id) = id {
+        let trailer = MemoryTrailer {
+            size: layout.ram_size,
+            id,
+        };
+        f.write_all_at(&trailer.encode(), layout.ram_size)
+            .map_err(|e| io("cannot write the trailer of", e))?;
+    }
     // Two stages, so that copying and scanning guest RAM overlaps with the writes (page-cache writes are the
     // slower half): this thread reads chunks and finds their runs of non-zero pages, a writer thread writes
     // them. Buffers go back and forth, so at most `BUFFERS` chunks exist.
@@ -279,6 +374,7 @@ pub fn save_snapshot<W: Write>(
     let relative = relative_path(&state_dir, &memory)
         .map(|r| utf8(&r))
         .transpose()?;
+    let id = SnapshotId::random().map_err(|e| vm_err(format!("cannot draw a snapshot id: {e}")))?;
     let shared = paused.machine().clone();
     let epoch = shared.ram_epoch();
     // A reset still queued on the vCPUs is refused before any file is written, one that runs while the
@@ -286,7 +382,7 @@ pub fn save_snapshot<W: Write>(
     super::vm::no_reset_overlap(&shared, epoch)?;
     let mut w = StreamWriter::new(state)?;
     write_state(paused, hv, config, &mut w)?;
-    let written = write_memory_file(&shared.mem, &shared.layout, &memory, progress)?;
+    let written = write_memory_file(&shared.mem, &shared.layout, &memory, Some(id), progress)?;
     super::vm::no_reset_overlap(&shared, epoch)?;
     w.json(
         SectionKind::MemoryFile,
@@ -295,6 +391,7 @@ pub fn save_snapshot<W: Write>(
             path,
             relative,
             crc32: Some(written.crc32),
+            id: Some(id.to_hex()),
             size: shared.layout.ram_size,
             regions: file_regions(&shared.layout),
             pages: written.pages,
@@ -344,8 +441,9 @@ pub struct MemoryFileOptions {
     pub verify: bool,
 }
 
-/// The paths a restore tries for the memory file, in order, each with how it was found.
-fn memory_candidates(
+/// The paths a restore tries for the memory file, in order, each with how it was found: the path given
+/// (alone), or the recorded relative path under the state file's directory, then the recorded path (once).
+pub fn memory_candidates(
     m: &MemoryFileSection,
     opts: &MemoryFileOptions,
 ) -> Vec<(PathBuf, &'static str)> {
@@ -363,13 +461,13 @@ fn memory_candidates(
     c
 }
 
-/// Checks a MemoryFile section against this machine, finds the file on disk and checks it (its size, and
-/// with `opts.verify` its CRC32). Returns the opened file and its path.
-fn check_memory_file(
+/// The checks of a MemoryFile section that need no file: its version, its layout against this machine's,
+/// its snapshot id. Returns the id and the memory file's expected length (the RAM image, plus the trailer
+/// when there is an id).
+pub fn check_section(
     layout: &MemoryLayout,
     m: &MemoryFileSection,
-    opts: &MemoryFileOptions,
-) -> Result<(File, PathBuf), MigrationError> {
+) -> Result<(Option<SnapshotId>, u64), MigrationError> {
     if m.version != MEMORY_FILE_VERSION {
         return Err(StreamError::Mismatch(format!(
             "the snapshot's memory file section has version {} (this build reads version \
@@ -386,6 +484,29 @@ fn check_memory_file(
         ))
         .into());
     }
+    let id =
+        m.id.as_deref()
+            .map(SnapshotId::from_hex)
+            .transpose()
+            .map_err(StreamError::Corrupt)?;
+    let len = if id.is_some() {
+        m.size
+            .checked_add(MEMORY_TRAILER_LEN)
+            .ok_or_else(|| StreamError::Corrupt(format!("a memory file of {} bytes", m.size)))?
+    } else {
+        m.size
+    };
+    Ok((id, len))
+}
+
+/// Checks a MemoryFile section against this machine, finds the file on disk and checks it (its size, its
+/// trailer's snapshot id, and with `opts.verify` its CRC32). Returns the opened file and its path.
+fn check_memory_file(
+    layout: &MemoryLayout,
+    m: &MemoryFileSection,
+    opts: &MemoryFileOptions,
+) -> Result<(File, PathBuf), MigrationError> {
+    let (id, len) = check_section(layout, m)?;
     let candidates = memory_candidates(m, opts);
     let mut tried = Vec::new();
     let mut found = None;
@@ -412,14 +533,27 @@ fn check_memory_file(
             "the snapshot's memory file {shown} is not a regular file"
         )));
     }
-    if meta.len() != m.size {
+    if id.is_some() && meta.len() == m.size {
         return Err(vm_err(format!(
-            "the snapshot's memory file {shown} is {} bytes, the snapshot needs {} bytes ({} MiB of RAM): \
-             truncated or not this snapshot's memory file",
+            "the snapshot's memory file {shown} has no snapshot id (written by an older enlighten, or \
+             truncated): not this snapshot's memory file"
+        )));
+    }
+    if meta.len() != len {
+        let trailer = if id.is_some() {
+            format!(" + a {MEMORY_TRAILER_LEN}-byte trailer")
+        } else {
+            String::new()
+        };
+        return Err(vm_err(format!(
+            "the snapshot's memory file {shown} is {} bytes, the snapshot needs {len} bytes ({} MiB of \
+             RAM{trailer}): truncated or not this snapshot's memory file",
             meta.len(),
-            m.size,
             m.size >> 20
         )));
+    }
+    if let Some(want) = id {
+        check_trailer(&f, &path, m.size, want)?;
     }
     if opts.verify {
         verify_memory_file(&f, &path, m)?;
@@ -427,7 +561,36 @@ fn check_memory_file(
     Ok((f, path))
 }
 
-/// Reads the whole memory file and compares its CRC32 with the one the snapshot recorded.
+/// Reads the trailer at `size` and compares its snapshot id with the state file's (one 32-byte read).
+fn check_trailer(f: &File, path: &Path, size: u64, want: SnapshotId) -> Result<(), MigrationError> {
+    let mut b = [0u8; MEMORY_TRAILER_LEN as usize];
+    f.read_exact_at(&mut b, size).map_err(|e| {
+        vm_err(format!(
+            "cannot read the snapshot id of the memory file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mixed = |what: String| {
+        vm_err(format!(
+            "the memory file {} does not belong to this state file ({what}; the state file's is {}): the \
+             pair comes from two different saves (a save that failed after replacing the memory file leaves \
+             such a pair); restore a state file with the memory file written by the same save",
+            path.display(),
+            want.to_hex()
+        ))
+    };
+    match MemoryTrailer::decode(&b) {
+        None => Err(mixed("it has no snapshot id trailer".to_string())),
+        Some(t) if t.size != size => Err(mixed(format!(
+            "its trailer is for {} bytes of RAM, not {size}",
+            t.size
+        ))),
+        Some(t) if t.id != want => Err(mixed(format!("its snapshot id is {}", t.id.to_hex()))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Reads the RAM image of the memory file and compares its CRC32 with the one the snapshot recorded.
 fn verify_memory_file(f: &File, path: &Path, m: &MemoryFileSection) -> Result<(), MigrationError> {
     let Some(want) = m.crc32 else {
         return Err(vm_err(format!(

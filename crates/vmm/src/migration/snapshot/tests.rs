@@ -31,6 +31,7 @@ fn section(path: &Path, layout: &MemoryLayout, pages: u64) -> MemoryFileSection 
         path: path.to_str().unwrap().to_string(),
         relative: None,
         crc32: None,
+        id: None,
         size: layout.ram_size,
         regions: file_regions(layout),
         pages,
@@ -45,7 +46,7 @@ fn memory_file_is_sparse_and_maps_copy_on_write() {
     }
     let path = scratch("cow.mem");
     let mut calls = Vec::new();
-    let w = write_memory_file(&mem, &layout, &path, &mut |d, t| calls.push((d, t))).unwrap();
+    let w = write_memory_file(&mem, &layout, &path, None, &mut |d, t| calls.push((d, t))).unwrap();
     let pages = w.pages;
     assert_eq!(pages, TOUCHED.len() as u64);
     assert_eq!(pages + w.zero_pages, (4 << 20) / PAGE_SIZE as u64);
@@ -106,7 +107,7 @@ fn memory_file_is_sparse_and_maps_copy_on_write() {
 fn bad_memory_files_are_refused() {
     let (mem, layout) = ram(2 << 20);
     let path = scratch("bad.mem");
-    write_memory_file(&mem, &layout, &path, &mut |_, _| {}).unwrap();
+    write_memory_file(&mem, &layout, &path, None, &mut |_, _| {}).unwrap();
     let short = scratch("short.mem");
     std::fs::write(&short, vec![0u8; 4096]).unwrap();
     let dir = scratch("a-dir");
@@ -198,16 +199,173 @@ fn relative_paths() {
 }
 
 /// Snapshot-style files in `dir`: a memory file with some pages, and its section as a save would record it
-/// (relative to `dir`, with its CRC32).
+/// (relative to `dir`, with its CRC32 and a fresh snapshot id).
 fn saved_pair(dir: &Path, layout: &MemoryLayout, mem: &GuestMemoryMmap) -> MemoryFileSection {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("vm.mem");
-    let w = write_memory_file(mem, layout, &path, &mut |_, _| {}).unwrap();
+    let id = SnapshotId::random().unwrap();
+    let w = write_memory_file(mem, layout, &path, Some(id), &mut |_, _| {}).unwrap();
     MemoryFileSection {
         relative: relative_path(dir, &path).map(|p| p.to_str().unwrap().to_string()),
         crc32: Some(w.crc32),
+        id: Some(id.to_hex()),
         ..section(&path, layout, w.pages)
     }
+}
+
+#[test]
+fn snapshot_ids_round_trip_and_bad_ones_are_refused() {
+    let a = SnapshotId::random().unwrap();
+    let b = SnapshotId::random().unwrap();
+    assert_ne!(a, b, "two random ids are equal");
+    assert_eq!(SnapshotId::from_hex(&a.to_hex()), Ok(a));
+    assert_eq!(
+        SnapshotId::from_hex(&a.to_hex().to_uppercase()),
+        Ok(a),
+        "upper case"
+    );
+    for bad in [
+        "",
+        "00",
+        &"0".repeat(31),
+        &"0".repeat(33),
+        &"g".repeat(32),
+        &"+1".repeat(16),
+        &"é".repeat(16),
+    ] {
+        let e = SnapshotId::from_hex(bad).unwrap_err();
+        assert!(e.contains("not 32 hex digits"), "{bad:?}: {e}");
+    }
+    let t = MemoryTrailer {
+        size: 1 << 30,
+        id: a,
+    };
+    let bytes = t.encode();
+    assert_eq!(&bytes[..8], b"ENLMEMID");
+    assert_eq!(MemoryTrailer::decode(&bytes), Some(t));
+    let mut other = bytes;
+    other[0] ^= 1;
+    assert_eq!(MemoryTrailer::decode(&other), None);
+}
+
+/// A memory file from another save (the state file of save 1 next to the memory file of save 2) is refused
+/// without reading RAM; the right pair maps; an old pair (no id, no trailer) still maps; an id in the state
+/// file with a memory file without trailer is refused.
+#[test]
+fn a_memory_file_from_another_save_is_refused() {
+    let (mem, layout) = ram(2 << 20);
+    mem.write_slice(&[7; PAGE_SIZE], GuestAddress(0x2000))
+        .unwrap();
+    let dir1 = scratch("pair-1");
+    let first = saved_pair(&dir1, &layout, &mem);
+    let dir2 = scratch("pair-2");
+    let second = saved_pair(&dir2, &layout, &mem);
+    assert_ne!(first.id, second.id);
+    let meta = std::fs::metadata(dir1.join("vm.mem")).unwrap();
+    assert_eq!(meta.len(), (2 << 20) + MEMORY_TRAILER_LEN);
+    // The CRC32 covers the RAM image only.
+    let data = std::fs::read(dir1.join("vm.mem")).unwrap();
+    assert_eq!(first.crc32, Some(crc32fast::hash(&data[..2 << 20])));
+    let lazy = |dir: &Path| MemoryFileOptions {
+        state_dir: Some(dir.to_path_buf()),
+        ..MemoryFileOptions::default()
+    };
+    let (dst, dlayout) = ram(2 << 20);
+    assert!(map_into(&dst, &dlayout, &first, &lazy(&dir1)).is_ok());
+    let mut page = [0u8; PAGE_SIZE];
+    dst.read_slice(&mut page, GuestAddress(0x2000)).unwrap();
+    assert!(page.iter().all(|&b| b == 7));
+
+    let no_trailer = scratch("pair-old.mem");
+    write_memory_file(&mem, &layout, &no_trailer, None, &mut |_, _| {}).unwrap();
+    let given = |p: &Path| MemoryFileOptions {
+        memory: Some(p.to_path_buf()),
+        ..MemoryFileOptions::default()
+    };
+    let garbage = scratch("pair-garbage.mem");
+    std::fs::write(&garbage, vec![0u8; (2 << 20) + 32]).unwrap();
+    let wrong_size = scratch("pair-wrong-size.mem");
+    let mut bytes = std::fs::read(dir1.join("vm.mem")).unwrap();
+    bytes[(2 << 20) + 8] ^= 1;
+    std::fs::write(&wrong_size, &bytes).unwrap();
+    let bad_id = MemoryFileSection {
+        id: Some("xyz".to_string()),
+        ..first.clone()
+    };
+    let old = MemoryFileSection {
+        id: None,
+        ..first.clone()
+    };
+    let cases: Vec<(&str, &MemoryFileSection, MemoryFileOptions, Result<(), String>)> = vec![
+        ("the right pair", &first, lazy(&dir1), Ok(())),
+        (
+            "the memory file of another save, next to the state file",
+            &first,
+            given(&dir2.join("vm.mem")),
+            Err(format!(
+                "its snapshot id is {}; the state file's is {}): the pair comes from two different saves",
+                second.id.as_deref().unwrap(),
+                first.id.as_deref().unwrap()
+            )),
+        ),
+        (
+            "the other way round",
+            &second,
+            given(&dir1.join("vm.mem")),
+            Err("does not belong to this state file".to_string()),
+        ),
+        (
+            "no trailer",
+            &first,
+            given(&no_trailer),
+            Err("has no snapshot id (written by an older enlighten".to_string()),
+        ),
+        (
+            "a file of the right length without the magic",
+            &first,
+            given(&garbage),
+            Err("it has no snapshot id trailer".to_string()),
+        ),
+        (
+            "a trailer for another RAM size",
+            &first,
+            given(&wrong_size),
+            Err("its trailer is for".to_string()),
+        ),
+        (
+            "a state file with a malformed id",
+            &bad_id,
+            lazy(&dir1),
+            Err("is not 32 hex digits".to_string()),
+        ),
+        ("an old pair: no id, no trailer", &old, given(&no_trailer), Ok(())),
+        (
+            "an old state file with a new memory file: the trailer makes it too long",
+            &old,
+            lazy(&dir1),
+            Err(format!("is {} bytes, the snapshot needs {} bytes", (2 << 20) + 32, 2 << 20)),
+        ),
+    ];
+    for (name, m, opts, want) in cases {
+        let (dst, dlayout) = ram(2 << 20);
+        let got = map_into(&dst, &dlayout, m, &opts)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        match (got, want) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(frag)) => assert!(e.contains(&frag), "{name}: {e}"),
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+    // The pure checks: expected length with and without the trailer.
+    assert_eq!(
+        check_section(&layout, &first).unwrap(),
+        (
+            SnapshotId::from_hex(first.id.as_deref().unwrap()).ok(),
+            (2 << 20) + 32
+        )
+    );
+    assert_eq!(check_section(&layout, &old).unwrap(), (None, 2 << 20));
 }
 
 #[test]
