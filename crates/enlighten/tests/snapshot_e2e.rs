@@ -128,11 +128,11 @@ fn snapshot_restores_copy_on_write_and_damaged_snapshots_are_refused() {
         "{err}"
     );
 
-    // A small state file and a sparse memory file of exactly the RAM size.
+    // A small state file and a sparse memory file: the RAM image and the 32-byte snapshot id trailer.
     let st = std::fs::metadata(&state).expect("state file");
     assert!(st.len() < 1 << 20, "state file of {} bytes", st.len());
     let m = std::fs::metadata(&mem).expect("memory file");
-    assert_eq!(m.len(), RAM);
+    assert_eq!(m.len(), RAM + 32);
     assert!(
         m.blocks() * 512 < RAM,
         "the memory file has no holes ({} blocks)",
@@ -169,7 +169,7 @@ fn snapshot_restores_copy_on_write_and_damaged_snapshots_are_refused() {
         .expect("truncate the memory file");
     assert_refused(
         &restore(&state, &[]),
-        "is 67108864 bytes, the snapshot needs 134217728 bytes",
+        "is 67108864 bytes, the snapshot needs 134217760 bytes (128 MiB of RAM + a 32-byte trailer)",
     );
     std::fs::remove_file(&mem).expect("remove the memory file");
     assert_refused(
@@ -532,7 +532,7 @@ fn moved_snapshots_restore_and_verify_memory_catches_damage() {
     std::fs::write(&short, [1u8; 4096]).expect("write");
     assert_refused(
         &restore_args(&[&short.display().to_string()]),
-        "is 4096 bytes, the snapshot needs 134217728 bytes",
+        "is 4096 bytes, the snapshot needs 134217760 bytes",
     );
     // One flipped byte deep in the file: caught with --verify-memory.
     let f = std::fs::OpenOptions::new()
@@ -553,4 +553,50 @@ fn moved_snapshots_restore_and_verify_memory_catches_damage() {
         o.describe()
     );
     let _ = std::fs::remove_file(&short);
+}
+
+/// A save that fails after it has renamed its memory file into place leaves the previous save's state file
+/// next to the new memory file. The snapshot id in the state file and in the memory file's trailer tells
+/// them apart without reading RAM: such a pair is refused before the guest runs, the matching pair restores.
+#[test]
+fn a_memory_file_from_another_save_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let first_dir = scratch("pair-first");
+    let second_dir = scratch("pair-second");
+    for d in [&first_dir, &second_dir] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let first = first_dir.join("vm.state");
+    let second = second_dir.join("vm.state");
+    take_snapshot(&guest_args, Some("touched "), &[], &first);
+    take_snapshot(&guest_args, Some("touched "), &[], &second);
+    // The second save's memory file replaces the first's; the first's state file stays.
+    let mixed_mem = first_dir.join("vm.state.mem");
+    std::fs::rename(second_dir.join("vm.state.mem"), &mixed_mem).expect("mix the pair");
+    let o = restore(&first, &[]);
+    assert_refused(
+        &o,
+        "does not belong to this state file (its snapshot id is ",
+    );
+    assert!(
+        o.stderr.contains("the pair comes from two different saves") && !o.stdout.contains("t 1\n"),
+        "{}",
+        o.describe()
+    );
+    // The memory file named on the command line is checked the same way.
+    let named = mixed_mem.display().to_string();
+    let with_memory = |extra: &[&str]| {
+        let mut a = vec![named.clone()];
+        a.extend(guest_args(extra));
+        a
+    };
+    assert_refused(
+        &restore_with(&with_memory, &first, &[]),
+        "does not belong to this state file",
+    );
+    // The state file of the save that wrote it restores with it.
+    let pass = format!("every page kept its value (0 wrong, {TICKS} rewritten by {TICKS} ticks)");
+    assert_passed_with(&restore_with(&with_memory, &second, &[]), &[&pass]);
+    let _ = std::fs::remove_dir_all(&first_dir);
+    let _ = std::fs::remove_dir_all(&second_dir);
 }
