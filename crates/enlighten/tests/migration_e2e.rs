@@ -842,11 +842,29 @@ impl DirtySource {
 }
 
 impl Drop for DirtySource {
-    /// A failed assertion must not leave a source behind (one in postmigrate never ends by itself).
+    /// A failed assertion must not leave a source behind (one in postmigrate never ends by itself). When a
+    /// test fails, the source's exit status, serial output and stderr are printed: they say why it ended.
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        let running = matches!(self.child.try_wait(), Ok(None));
+        if running {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+        }
+        let status = self.child.wait();
+        if std::thread::panicking() {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            self.lines.extend(self.stdout.try_iter());
+            eprintln!(
+                "--- source ({}: {status:?}) serial ---\n{}\n--- source stderr ---\n{err}",
+                if running {
+                    "killed by the test"
+                } else {
+                    "had ended"
+                },
+                self.lines.join("\n")
+            );
         }
     }
 }
