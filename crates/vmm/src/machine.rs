@@ -389,9 +389,7 @@ impl VcpuShared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes the vCPU thread wherever it is: sleeping (condition variable) or in `KVM_RUN` (kick; the signal is
-    /// sent only when the thread may be in `KVM_RUN`). Call it after changing the vCPU's state under its lock,
-    /// with the lock held or after releasing it: the protocol that makes that enough is in [`crate::kick`].
+    /// Wakes the vCPU thread wherever it is: sleeping (condition variable) or in `KVM_RUN` (kick).
     pub fn wake_up(&self) {
         self.wake.notify_all();
         self.kicker.kick();
@@ -794,12 +792,6 @@ impl VmHandle {
     /// Number of KVM exits vCPU `i` has handled so far.
     pub fn exit_count(&self, i: usize) -> Option<u64> {
         self.shared.vcpus.get(i).map(|v| v.lock().exits)
-    }
-
-    /// Number of kick signals sent to vCPU `i`'s thread so far (wake-ups of a thread that may have been in
-    /// `KVM_RUN`; see [`crate::kick`]).
-    pub fn kick_signals(&self, i: usize) -> Option<u64> {
-        self.shared.vcpus.get(i).map(|v| v.kicker.signals_sent())
     }
 
     /// Whether vCPU `i` is parked right now.

@@ -620,9 +620,10 @@ impl Ctx {
                 if let Some(h) = shared.vcpu_hook.get() {
                     h.sync_to_guest(self.index, &st.apic);
                 }
-                // Decided to enter, in the critical section that checked for work: from here on wakers kick
-                // (the protocol is in `crate::kick`).
-                me.kicker.entering();
+                // Every kick so far asked for a look at state that was just looked at (wakers change it under
+                // this lock before they kick): a leftover `immediate_exit` would only cost an empty KVM_RUN round
+                // trip (the usual case for a vCPU woken from a halt, whose kick lands while it sleeps).
+                me.kicker.set_immediate_exit(0);
                 st.in_guest = true;
                 break (inject, nmi, window);
             };
@@ -653,7 +654,7 @@ impl Ctx {
         // CR8 as this entry starts with it; a different value after the exit means the guest wrote CR8.
         let cr8_before = fd.get_kvm_run().cr8;
         let exit = fd.run();
-        me.kicker.left();
+        me.kicker.set_immediate_exit(0);
         crate::tlbflush::left_guest(me);
         let exit = match exit {
             Ok(exit) => exit,
