@@ -29,12 +29,11 @@
 //! variable alone. Skipping it was implemented (an `in_run` flag set in the deciding critical section and
 //! cleared after `KVM_RUN`, read by the kicker after the waker's critical section; commit cb56da8) and measured
 //! with `hv_ipi bench=200` at 16 vCPUs, alternating runs: kick signals fell from 15.4 to 0.02 per broadcast
-//! and context switches by about a quarter, but the hypercall broadcast got no faster: the median ratio of its
+//! and context switches by about a quarter, but the hypercall broadcast got no faster. The median ratio of its
 //! wall time per pair was 1.25 (slower in 25 of 28 pairs, host load 5-7) and 1.03 in a quieter batch (slower
-//! in 6 of 10, load 2-3),
-//! the process's CPU time by 8 % and 1 %; APIC broadcasts were unchanged (0.99×). On this 2-core host the
-//! broadcast's time is set by when the woken vCPU threads get a CPU, not by the signal's cost. So the simpler
-//! code stays; docs/performance.md has the figures.
+//! in 6 of 10, load 2-3); the process's CPU time rose by 8 % and 1 %; APIC broadcasts were unchanged (0.99×).
+//! On this 2-core host the broadcast's time is set by when the woken vCPU threads get a CPU, not by the
+//! signal's cost. So the simpler code stays; docs/performance.md has the figures.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, Once};
