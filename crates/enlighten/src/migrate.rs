@@ -854,7 +854,7 @@ impl MigrationControl {
         let load = |r: Box<dyn Read>| -> Result<Loaded, MigrationError> {
             let mut progress = |_: u64, _: u64| {};
             let input = BufReader::new(r);
-            mvm::restore_with_options(held, hv, &self.config, input, &mut progress, &opts)
+            mvm::restore(held, hv, &self.config, input, &mut progress, &opts)
         };
         let verdict = |mut w: Box<dyn Write>, r: &Result<Loaded, MigrationError>| {
             let msg = match r {

@@ -511,31 +511,10 @@ pub fn read_state_sections<R: Read>(
 /// Everything is validated (header, config, every vCPU and the engine section, QEMU's re-enlightenment
 /// rule) before guest RAM or any vCPU is touched; a stream that fails later (truncated or corrupted memory)
 /// leaves the machine unusable and the caller must not resume it.
+/// `opts` says how a snapshot's memory file is found and checked; a memory file given there for a stream that
+/// has none (not a snapshot's state file) is refused before RAM is touched. Returns the statistics and the
+/// source's run state when the stream carries it (live migration).
 pub fn restore<R: Read>(
-    paused: &Paused,
-    hv: Option<&HvGlue>,
-    dest: &ConfigSection,
-    input: R,
-    progress: Progress<'_>,
-) -> Result<Stats, MigrationError> {
-    restore_with_global(paused, hv, dest, input, progress).map(|(stats, _)| stats)
-}
-
-/// [`restore`], also returning the source's run state when the stream carries it (live migration).
-pub fn restore_with_global<R: Read>(
-    paused: &Paused,
-    hv: Option<&HvGlue>,
-    dest: &ConfigSection,
-    input: R,
-    progress: Progress<'_>,
-) -> Result<(Stats, Option<GlobalSection>), MigrationError> {
-    let opts = super::snapshot::MemoryFileOptions::default();
-    restore_with_options(paused, hv, dest, input, progress, &opts)
-}
-
-/// [`restore_with_global`], with how a snapshot's memory file is found and checked (`opts`). A memory file
-/// given in `opts` for a stream that has none (not a snapshot's state file) is refused before RAM is touched.
-pub fn restore_with_options<R: Read>(
     paused: &Paused,
     hv: Option<&HvGlue>,
     dest: &ConfigSection,
